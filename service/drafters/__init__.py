@@ -1,0 +1,1 @@
+"""Drafters: one module per kind, all behind `service.drafters.base.Drafter`."""

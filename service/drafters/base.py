@@ -1,0 +1,53 @@
+"""The drafter interface the engine speaks: propose K tokens from the current
+state of one sequence, then hear which of them the target accepted."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ..engine import Sequence
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]  # K drafted ids (K may be 0: plain decoding this step)
+    probs: Tensor | None  # (K, V) draft distribution after the request's transform; None: deterministic
+    logprobs: list[float] | None = None  # log q of each drafted token (block records)
+
+
+class Drafter(ABC):
+    """Per-sequence state lives in `seq.draft_state`, created by `begin`.
+
+    `hidden_layers` names target layers whose residual streams the target's
+    forward passes hand over (`taps`, one (T, d) tensor per layer, for the T
+    tokens of that pass), so a head drafter needs no extra target forward."""
+
+    kind: str = "base"
+    version: str = "0"
+    hidden_layers: tuple[int, ...] = ()
+
+    def begin(self, seq: Sequence, taps: list[Tensor]) -> None:
+        """After the prompt's prefill (taps cover every prompt position)."""
+        seq.draft_state = None
+
+    @abstractmethod
+    def propose(self, seq: Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
+        """Draft up to k tokens continuing seq.tokens."""
+
+    def commit(self, seq: Sequence, num_accepted: int, taps: list[Tensor]) -> None:
+        """After verification: seq.tokens already holds the accepted drafts and the
+        next token; taps cover the verify pass ([last token] + drafts)."""
+
+    def release(self, seq: Sequence) -> None:
+        seq.draft_state = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "version": self.version}

@@ -1,0 +1,332 @@
+"""The speculative decoding engine: draft -> verify -> accept, one sequence
+step at a time, on a dedicated thread.
+
+Each sequence owns a target KV cache sized for its prompt + max_tokens and
+keeps the drafter it started with (a hot-reloaded drafter serves new
+sequences; in-flight ones finish on the old one). Active sequences are
+stepped round-robin, so a long request never starves a short one; more wait
+in a FIFO queue. The engine imports no web framework."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .drafters.base import Drafter, Proposal
+from .llama import KVCache, LlamaModel
+from .metrics import Metrics, SpecDecodeStats
+from .sampling import SamplingParams, greedy_verify, make_generator, rejection_verify, target_probs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    token_ids: list[int]  # newly emitted tokens (may be empty on the final output)
+    logprobs: list[float] | None = None  # target log-prob of each emitted token
+    top_logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (EOS) | "length" | None
+    prompt_logprobs: list[float | None] | None = None  # with echo + logprobs, on the first output
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass
+class BlockObservation:
+    """Everything the block log needs from one verify step (tensor-free)."""
+
+    request_id: str
+    step: int
+    drafter_version: str
+    temperature: float
+    position: int  # tokens of context before the first drafted token
+    draft_tokens: list[int]
+    draft_logprobs: list[float]
+    num_accepted: int
+    next_token: int
+    target_top_ids: list[list[int]]  # (K+1) x topk, raw target distribution (temperature 1)
+    target_top_logprobs: list[list[float]]
+    target_draft_logprobs: list[float]  # log p of each drafted token
+    prompt_ids: list[int] | None = None  # set on a request's first step only
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[StepOutput | BaseException], None]
+    tokens: list[int] = field(default_factory=list)
+    drafter: Drafter | None = None
+    cache: KVCache | None = None
+    draft_state: Any = None
+    gen: torch.Generator | None = None
+    capacity: int = 0
+    num_generated: int = 0
+    steps: int = 0
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - self.num_generated
+
+
+class NoDrafter(Drafter):
+    """Target-only decoding: never drafts."""
+
+    kind = "none"
+
+    def propose(self, seq, k, params, gen) -> Proposal:
+        return Proposal([], None, [])
+
+
+class Engine:
+    def __init__(
+        self,
+        target: LlamaModel,
+        drafter: Drafter,
+        eos_token_ids: set[int],
+        num_speculative_tokens: int = 4,
+        metrics: Metrics | None = None,
+        block_sink: Callable[[BlockObservation], None] | None = None,
+        block_topk: int = 20,
+        max_num_seqs: int = 8,
+    ):
+        self.target = target
+        self.drafter = drafter
+        self.eos = set(eos_token_ids)
+        self.k = num_speculative_tokens
+        self.metrics = metrics
+        self.stats = SpecDecodeStats(metrics)
+        self.block_sink = block_sink
+        self.block_topk = block_topk
+        self.max_num_seqs = max_num_seqs
+        self._incoming: queue.Queue[Sequence] = queue.Queue()
+        self._active: deque[Sequence] = deque()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        if metrics is not None:
+            metrics.set_drafter(drafter.kind, drafter.version)
+
+    # ---- drafter hot swap -------------------------------------------------
+    def set_drafter(self, drafter: Drafter) -> None:
+        """New sequences use `drafter`; running ones finish on theirs."""
+        self.drafter = drafter
+        if self.metrics is not None:
+            self.metrics.set_drafter(drafter.kind, drafter.version)
+
+    # ---- one sequence ------------------------------------------------------
+    def start(self, seq: Sequence) -> StepOutput:
+        """Prefill the prompt and emit the first token."""
+        p = seq.params
+        seq.drafter = self.drafter
+        seq.capacity = len(seq.prompt_ids) + p.max_tokens + self.k + 1
+        seq.cache = self.target.new_cache(seq.capacity)
+        seq.gen = make_generator(p.seed, self.target.device)
+        seq.tokens = list(seq.prompt_ids)
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.target.device)
+        want_prompt_lp = p.echo and p.logprobs is not None
+        _, h, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
+        logits = self.target.lm_head(h if want_prompt_lp else h[-1:])
+        tok = self._pick(logits[-1:], p, seq.gen)
+        seq.drafter.begin(seq, taps)
+        out = self._emit(seq, [tok], logits[-1:])
+        if want_prompt_lp:
+            lp, top = _logprobs(logits[:-1], seq.prompt_ids[1:], p.logprobs or 0)
+            out.prompt_logprobs = [None, *lp]
+            out.prompt_top_logprobs = [None, *top]
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
+            self.metrics.ttft.observe(time.perf_counter() - seq.arrival)
+        return out
+
+    def step(self, seq: Sequence) -> StepOutput:
+        """One draft -> verify -> accept step."""
+        p, cache = seq.params, seq.cache
+        k = max(0, min(self.k, seq.remaining - 1, cache.capacity - len(seq.tokens) - 1))
+        proposal = seq.drafter.propose(seq, k, p, seq.gen) if k else Proposal([], None, [])
+        drafted = proposal.tokens
+        start_len = cache.length
+        context = len(seq.tokens)
+        ids = torch.tensor([seq.tokens[-1], *drafted], dtype=torch.long, device=self.target.device)
+        logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)
+        draft_t = ids[1:]
+        if p.greedy:
+            n, nxt = greedy_verify(draft_t, logits)
+        else:
+            n, nxt = rejection_verify(draft_t, proposal.probs, target_probs(logits, p), seq.gen)
+        cache.rollback(start_len + 1 + n)
+        self.stats.observe_draft(len(drafted), n)
+        seq.tokens.extend(drafted[:n])
+        seq.tokens.append(nxt)
+        seq.drafter.commit(seq, n, taps)
+        if self.block_sink is not None and drafted:
+            self._log_block(seq, proposal, logits, n, nxt, context)
+        seq.steps += 1
+        return self._emit(seq, [*drafted[:n], nxt], logits[: n + 1])
+
+    def _pick(self, logits: Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+        if p.greedy:
+            return int(logits[0].argmax())
+        return int(torch.multinomial(target_probs(logits, p)[0], 1, generator=gen))
+
+    def _emit(self, seq: Sequence, new: list[int], logits: Tensor) -> StepOutput:
+        """Cut the new tokens at EOS / max_tokens and account for them."""
+        p = seq.params
+        finish = None
+        if not p.ignore_eos:
+            for i, t in enumerate(new):
+                if t in self.eos:
+                    new, finish = new[:i], "stop"
+                    break
+        if len(new) >= seq.remaining:
+            new = new[: seq.remaining]
+            finish = finish or "length"
+        seq.num_generated += len(new)
+        if seq.num_generated >= p.max_tokens and finish is None:
+            finish = "length"
+        out = StepOutput(new, finish_reason=finish)
+        if p.logprobs is not None and new:
+            out.logprobs, out.top_logprobs = _logprobs(logits[: len(new)], new, p.logprobs)
+        if self.metrics is not None:
+            self.metrics.generation_tokens.inc(len(new))
+        return out
+
+    def _log_block(self, seq, proposal: Proposal, logits: Tensor, n: int, nxt: int, context: int) -> None:
+        lsm = torch.log_softmax(logits.float(), dim=-1)
+        k = len(proposal.tokens)
+        top = torch.topk(lsm, min(self.block_topk, lsm.shape[-1]), dim=-1)
+        draft_lp = lsm[torch.arange(k, device=lsm.device), torch.tensor(proposal.tokens, device=lsm.device)]
+        obs = BlockObservation(
+            request_id=seq.request_id,
+            step=seq.steps,
+            drafter_version=seq.drafter.version,
+            temperature=seq.params.temperature,
+            position=context,
+            draft_tokens=list(proposal.tokens),
+            draft_logprobs=list(proposal.logprobs or [0.0] * k),
+            num_accepted=n,
+            next_token=nxt,
+            target_top_ids=top.indices.tolist(),
+            target_top_logprobs=top.values.tolist(),
+            target_draft_logprobs=draft_lp.tolist(),
+            prompt_ids=list(seq.prompt_ids) if seq.steps == 0 else None,
+        )
+        try:
+            self.block_sink(obs)
+        except Exception:  # the log must never take a request down
+            log.exception("block sink failed")
+
+    def finish(self, seq: Sequence) -> None:
+        if seq.drafter is not None:
+            seq.drafter.release(seq)
+        seq.cache = None
+
+    # ---- synchronous use (tests, benchmarks, training rollouts) -------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> list[int]:
+        """Run one sequence to completion on the calling thread."""
+        seq = Sequence(request_id or f"sync-{next(self._ids)}", list(prompt_ids), params, lambda _: None)
+        out_tokens: list[int] = []
+        with torch.inference_mode():
+            out = self.start(seq)
+            out_tokens += out.token_ids
+            while out.finish_reason is None:
+                out = self.step(seq)
+                out_tokens += out.token_ids
+        self.finish(seq)
+        return out_tokens
+
+    # ---- the serving loop --------------------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        self._incoming.put(seq)
+        if self.metrics is not None:
+            self.metrics.waiting.set(self._incoming.qsize())
+
+    @property
+    def num_waiting(self) -> int:
+        return self._incoming.qsize()
+
+    def start_loop(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="draftloop-engine", daemon=True)
+            self._thread.start()
+
+    def stop_loop(self) -> None:
+        self._stop.set()
+        self._incoming.put(None)  # type: ignore[arg-type]  # wake the loop
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                self._admit()
+                if not self._active:
+                    continue
+                seq = self._active.popleft()
+                if seq.cancelled:
+                    self._drop(seq, None)
+                    continue
+                try:
+                    out = self.start(seq) if seq.cache is None else self.step(seq)
+                except Exception as exc:  # one bad sequence must not stop the engine
+                    log.exception("sequence %s failed", seq.request_id)
+                    self._drop(seq, exc)
+                    continue
+                seq.emit(out)
+                if out.finish_reason is not None:
+                    self._drop(seq, None, out.finish_reason)
+                else:
+                    self._active.append(seq)
+
+    def _admit(self) -> None:
+        block = not self._active
+        while len(self._active) < self.max_num_seqs:
+            try:
+                seq = self._incoming.get(block=block, timeout=None)
+            except queue.Empty:
+                break
+            block = False
+            if seq is None:
+                break
+            self._active.append(seq)
+        if self.metrics is not None:
+            self.metrics.running.set(len(self._active))
+            self.metrics.waiting.set(self._incoming.qsize())
+
+    def _drop(self, seq: Sequence, exc: BaseException | None, finish_reason: str | None = None) -> None:
+        self.finish(seq)
+        if exc is not None:
+            seq.emit(exc)
+        if self.metrics is not None:
+            reason = finish_reason or ("error" if exc is not None else "abort")
+            self.metrics.requests.labels(finish_reason=reason).inc()
+            self.metrics.request_latency.observe(time.perf_counter() - seq.arrival)
+
+
+def _logprobs(logits: Tensor, tokens: list[int], top_n: int) -> tuple[list[float], list[dict[int, float]]]:
+    """Target log-probs of `tokens` (one per row) and the top_n alternatives.
+    logits: (T, V); tokens: T ids."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    idx = torch.tensor(tokens, device=lsm.device)
+    chosen = lsm[torch.arange(len(tokens), device=lsm.device), idx].tolist()
+    tops: list[dict[int, float]] = []
+    if top_n > 0:
+        vals, ids = torch.topk(lsm, top_n, dim=-1)
+        tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [{} for _ in tokens]
+    for d, t, c in zip(tops, tokens, chosen):
+        d.setdefault(t, c)  # OpenAI includes the chosen token among the alternatives
+    return chosen, tops

@@ -1,0 +1,267 @@
+"""A compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) with a
+preallocated KV cache, written for speculative decoding at batch size one.
+
+Why not transformers' forward: on a 135M model the per-call Python overhead of
+its cache objects and mask builders is a large share of a decode step. Here a
+step is a straight run of matmuls; rolling back rejected draft tokens is moving
+an integer, and the verify pass can hand back the hidden states of any layers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+SUPPORTED_ARCHS = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    qk_norm: bool = False
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> LlamaConfig:
+        arch = cfg.get("model_type", "")
+        if arch not in SUPPORTED_ARCHS:
+            raise ValueError(
+                f"model_type {arch!r} is not supported; supported: {sorted(SUPPORTED_ARCHS)}"
+            )
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", arch == "qwen2"),
+            qk_norm=arch == "qwen3",
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin: (max_len, head_dim) in the rotate-half layout used by HF Llama."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    ang = torch.outer(torch.arange(max_len, dtype=torch.float64), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x: (heads, T, hd); cos/sin: (T, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Per-sequence keys/values, (layers, kv_heads, capacity, hd) each; `length`
+    is how many positions are valid, so a rollback is one assignment."""
+
+    def __init__(self, cfg: LlamaConfig, capacity: int, num_layers: int, dtype, device):
+        shape = (num_layers, cfg.num_kv_heads, capacity, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.length = 0
+        self.capacity = capacity
+
+    def rollback(self, length: int) -> None:
+        assert 0 <= length <= self.length
+        self.length = length
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        self.h, self.kv, self.hd = h, kv, hd
+        self.q_proj = nn.Linear(d, h * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, kv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * hd, d, bias=False)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+
+    def forward(
+        self,
+        x: Tensor,  # (T, d)
+        cos: Tensor,  # (T, hd)
+        sin: Tensor,
+        k_cache: Tensor,  # (kv, capacity, hd), this layer's slice
+        v_cache: Tensor,
+        start: int,
+        mask: Tensor | None,  # (T, start+T) bool, None when T == 1
+    ) -> Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.h, self.hd).transpose(0, 1)
+        k = self.k_proj(x).view(t, self.kv, self.hd).transpose(0, 1)
+        v = self.v_proj(x).view(t, self.kv, self.hd).transpose(0, 1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        end = start + t
+        k_cache[:, start:end] = k
+        v_cache[:, start:end] = v
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(0),
+            k_cache[:, :end].unsqueeze(0),
+            v_cache[:, :end].unsqueeze(0),
+            attn_mask=mask,
+            enable_gqa=self.h != self.kv,
+        )
+        return self.o_proj(out[0].transpose(0, 1).reshape(t, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(d, i, bias=False)
+        self.up_proj = nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, start, mask) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_mask(start: int, t: int, device) -> Tensor | None:
+    """(t, start+t) bool: new token i sees every cached position and new tokens <= i."""
+    if t == 1:
+        return None
+    cols = torch.arange(start + t, device=device)
+    rows = torch.arange(start, start + t, device=device)
+    return cols.unsqueeze(0) <= rows.unsqueeze(1)
+
+
+class LlamaModel(nn.Module):
+    """Decoder stack + LM head. `forward` runs T new tokens of one sequence."""
+
+    def __init__(self, cfg: LlamaConfig, max_len: int | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.max_len = max_len or cfg.max_position_embeddings
+        cos, sin = rope_tables(cfg.head_dim, self.max_len, cfg.rope_theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def new_cache(self, capacity: int, num_layers: int | None = None) -> KVCache:
+        if capacity > self.max_len:
+            raise ValueError(f"sequence of {capacity} positions exceeds max_len {self.max_len}")
+        return KVCache(self.cfg, capacity, num_layers or len(self.layers), self.dtype, self.device)
+
+    def forward(
+        self,
+        tokens: Tensor,  # (T,) int64, positions cache.length .. cache.length+T-1
+        cache: KVCache,
+        hidden_layers: tuple[int, ...] = (),
+        num_layers: int | None = None,
+        logits: bool = True,
+        last_only: bool = False,
+    ) -> tuple[Tensor | None, Tensor, list[Tensor]]:
+        """Returns (logits (T, V) or None, final normed hidden (T, d), the residual
+        stream after each layer in `hidden_layers`). Appends T positions to the cache.
+        `num_layers` runs only the first layers (a self-speculative draft model);
+        `last_only` applies the LM head to the last position alone."""
+        start, t = cache.length, tokens.shape[0]
+        if start + t > cache.capacity:
+            raise ValueError("KV cache capacity exceeded")
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        mask = causal_mask(start, t, tokens.device)
+        x = self.embed_tokens(tokens)
+        taps: list[Tensor] = []
+        n = num_layers or len(self.layers)
+        for i in range(n):
+            x = self.layers[i](x, cos, sin, cache.k[i], cache.v[i], start, mask)
+            if i in hidden_layers:
+                taps.append(x)
+        cache.length = start + t
+        h = self.norm(x[-1:] if last_only else x)
+        return (self.lm_head(h) if logits else None), h, taps
+
+
+def load_llama(path: str | Path, dtype=torch.float32, device="cpu", max_len: int | None = None) -> LlamaModel:
+    """Load a Hugging Face safetensors folder (config.json + *.safetensors)."""
+    path = Path(path)
+    hf_cfg = json.loads((path / "config.json").read_text())
+    cfg = LlamaConfig.from_hf(hf_cfg)
+    with torch.device("meta"):
+        model = LlamaModel(cfg, max_len=max_len)
+    state: dict[str, Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model = model.to_empty(device=device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    cos, sin = rope_tables(cfg.head_dim, model.max_len, cfg.rope_theta)
+    model.cos, model.sin = cos.to(device), sin.to(device)
+    return model.to(dtype).eval().requires_grad_(False)
