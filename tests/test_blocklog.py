@@ -1,0 +1,380 @@
+"""Block records: encoding round trip, and the writer and consumer helpers
+against a real Redis (the one at settings.redis_url, plus throwaway
+redis-server processes for outages)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import msgpack
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from service.blocklog import (
+    BlockLogger,
+    BlockRecord,
+    PromptRecord,
+    SchemaError,
+    ack,
+    block_prefixes,
+    decode,
+    encode,
+    ensure_group,
+    read_blocks,
+    read_prompt,
+)
+from service.config import get_settings
+from service.metrics import Metrics
+
+URL = get_settings().redis_url
+
+
+def _block(
+    rid: str = "req-1",
+    step: int = 0,
+    position: int = 5,
+    draft: list[int] | None = None,
+    n_acc: int = 1,
+    next_token: int = 77,
+    k: int = 3,
+) -> BlockRecord:
+    draft = [11, 12, 13] if draft is None else draft
+    K = len(draft)
+    return BlockRecord(
+        request_id=rid,
+        step=step,
+        drafter_version="3",
+        target_model="smollm2-135m-instruct",
+        temperature=0.7,
+        position=position,
+        draft_tokens=draft,
+        draft_logprobs=[-0.25 * (i + 1) for i in range(K)],
+        num_accepted=n_acc,
+        next_token=next_token,
+        target_top_ids=[[100_000 + 10 * j + i for i in range(k)] for j in range(K + 1)],
+        target_top_logprobs=[[-0.5 * i - 0.125 * j for i in range(k)] for j in range(K + 1)],
+        target_draft_logprobs=[-1.5 * (i + 1) for i in range(K)],
+    )
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+@pytest.fixture
+def r() -> redis.Redis:
+    client = redis.Redis.from_url(URL, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip(f"no Redis at {URL}")
+    return client
+
+
+@pytest.fixture
+def stream(r: redis.Redis) -> Iterator[str]:
+    name = f"test:blocks:{uuid.uuid4().hex}"
+    yield name
+    for key in r.scan_iter(f"{name}*"):
+        r.delete(key)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_redis(port: int, tmp_path) -> redis.Redis:
+    subprocess.run(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "yes",
+            "--dir",
+            str(tmp_path),
+            "--logfile",
+            str(tmp_path / f"redis-{port}.log"),
+        ],
+        check=True,
+    )
+    client = redis.Redis(
+        port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0)
+    )  # fail fast while it is down
+    assert _wait(lambda: _pings(client), 5.0), "throwaway redis-server did not come up"
+    return client
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def _stop_redis(client: redis.Redis) -> None:
+    try:
+        client.shutdown(nosave=True)
+    except redis.RedisError:
+        pass  # already gone, or the connection closed as it went down
+    assert _wait(lambda: not _pings(client), 5.0)
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def test_encode_decode_round_trip() -> None:
+    rec = _block()
+    fields = encode(rec)
+    assert set(fields) == {"schema_version", "request_id", "data"}
+    assert all(isinstance(v, bytes) for v in fields.values())
+    assert sum(len(v) for v in fields.values()) < 400  # K=3, k=3: packed arrays, not JSON of floats
+    out = decode({k.encode(): v for k, v in fields.items()})  # redis-py hands back bytes keys
+    assert out == rec  # every value here is exact in float16/float32
+
+    # float16 top-k log-probs: close, not exact; ids above 2^16 survive
+    rec.target_top_logprobs[0][1] = -3.14159
+    out = decode(encode(rec))
+    assert out.target_top_logprobs[0][1] == pytest.approx(-3.14159, abs=2e-3)
+    assert out.target_top_ids == rec.target_top_ids
+
+    empty = _block(draft=[], n_acc=0, k=2)  # K = 0: the first token after prefill, or a step with no draft
+    assert decode(encode(empty)) == empty
+    assert empty.emitted_tokens() == [77]
+
+
+def test_decode_rejects_unknown_schema_and_bad_records() -> None:
+    fields = encode(_block())
+    with pytest.raises(SchemaError, match="schema_version 2"):
+        decode({**fields, "schema_version": b"2"})
+    with pytest.raises(SchemaError, match="lacks field 'data'"):
+        decode({"schema_version": b"1", "request_id": b"x"})
+    data = msgpack.unpackb(fields["data"])
+    del data["position"]
+    with pytest.raises(SchemaError, match="malformed"):
+        decode({**fields, "data": msgpack.packb(data)})
+    bad = _block()
+    bad.target_top_ids = bad.target_top_ids[:-1]  # K rows instead of K+1
+    with pytest.raises(SchemaError):
+        encode(bad)
+    bad = _block(n_acc=4)
+    with pytest.raises(SchemaError, match="num_accepted"):
+        encode(bad)
+
+
+# --- writer -----------------------------------------------------------------------------
+
+
+def _request_blocks(rid: str, prompt: list[int]) -> list[BlockRecord]:
+    """Three consecutive steps of one request: K = 0 after prefill, then two drafted steps."""
+    b0 = _block(rid, step=0, position=len(prompt), draft=[], n_acc=0, next_token=40)
+    b1 = _block(rid, step=1, position=b0.position + 1, draft=[41, 42, 99], n_acc=2, next_token=43)
+    b2 = _block(rid, step=2, position=b1.position + 3, draft=[44, 45, 46], n_acc=3, next_token=47)
+    return [b0, b1, b2]
+
+
+def test_logger_writes_records_and_context(r: redis.Redis, stream: str) -> None:
+    metrics = Metrics()
+    logger = BlockLogger(URL, stream, maxlen=1000, queue_size=100, metrics=metrics)
+    prompt = [7, 0, 8, 9]  # id 0 must survive (context words store id + 1)
+    blocks = _request_blocks("req-a", prompt)
+    logger.submit(PromptRecord("req-a", prompt))
+    for b in blocks:
+        logger.submit(b)
+    assert logger.flush(5.0)
+    logger.close()
+    assert (logger.written, logger.dropped) == (3, 0)
+    assert metrics.block_records_written._value.get() == 3
+    entries = r.xrange(stream)
+    assert [decode(f) for _, f in entries] == blocks
+
+    assert read_prompt(r, stream, "req-a") == prompt
+    assert block_prefixes(r, stream, blocks) == [prompt, prompt + [40], prompt + [40, 41, 42, 43]]
+    assert 0 < r.ttl(f"{stream}:ctx:req-a") <= 3600
+    assert read_prompt(r, stream, "never-seen") is None
+    logger.submit(_block())  # after close: dropped, not raised
+    assert logger.dropped == 1
+
+
+def test_logger_from_settings() -> None:
+    s = get_settings()
+    logger = BlockLogger.from_settings(s)
+    assert (logger.stream, logger.maxlen) == (s.block_stream, s.block_stream_maxlen)
+    assert logger._queue.maxsize == s.block_queue_size
+    logger.close()
+
+
+def test_lost_record_leaves_a_visible_hole(r: redis.Redis, stream: str) -> None:
+    logger = BlockLogger(URL, stream, maxlen=1000, queue_size=100)
+    prompt = [1, 2, 3]
+    b0, _lost, b2 = _request_blocks("req-b", prompt)
+    for rec in (b2, PromptRecord("req-b", prompt), b0):  # b1 lost; order does not matter
+        logger.submit(rec)
+    logger.close()
+    assert block_prefixes(r, stream, [b0, b2]) == [prompt, None]
+    # and without the prompt record nothing can be rebuilt
+    logger = BlockLogger(URL, stream, maxlen=1000, queue_size=100)
+    c0, c1, _ = _request_blocks("req-c", prompt)
+    logger.submit(c0)
+    logger.submit(c1)
+    logger.close()
+    assert read_prompt(r, stream, "req-c") is None
+    assert block_prefixes(r, stream, [c0, c1]) == [None, None]
+
+
+def test_maxlen_trims_the_stream(r: redis.Redis, stream: str) -> None:
+    logger = BlockLogger(URL, stream, maxlen=100, queue_size=2000)
+    for i in range(1000):
+        logger.submit(_block(step=i))
+    logger.close()
+    assert logger.written == 1000
+    assert 100 <= r.xlen(stream) < 1000  # MAXLEN ~: approximate, trimmed by whole nodes
+
+
+def test_consumer_group_ack_and_pending_reread(r: redis.Redis, stream: str) -> None:
+    logger = BlockLogger(URL, stream, maxlen=1000, queue_size=100)
+    for i in range(5):
+        logger.submit(_block(step=i))
+    logger.close()
+    group = "opd"
+    ensure_group(r, stream, group)
+    ensure_group(r, stream, group)  # idempotent
+
+    first = read_blocks(r, stream, group, "w1", count=3)
+    assert [rec.step for _, rec in first] == [0, 1, 2]
+    # w1 "crashes" before acking: its next read hands back the same entries first
+    again = read_blocks(r, stream, group, "w1", count=10)
+    assert [eid for eid, _ in again] == [eid for eid, _ in first]
+    # another consumer does not steal them while they are fresh; it gets the new ones
+    other = read_blocks(r, stream, group, "w2", count=10, claim_idle_ms=60_000)
+    assert [rec.step for _, rec in other] == [3, 4]
+    ack(r, stream, group, [eid for eid, _ in other])
+    # w1 is gone for good: w2 claims its idle pending entries
+    time.sleep(0.05)
+    claimed = read_blocks(r, stream, group, "w2", count=10, claim_idle_ms=10)
+    assert [rec.step for _, rec in claimed] == [0, 1, 2]
+    assert ack(r, stream, group, [eid for eid, _ in claimed]) == 3
+    assert read_blocks(r, stream, group, "w2", count=10) == []
+    assert read_blocks(r, stream, group, "w1", count=10) == []
+    assert r.xpending(stream, group)["pending"] == 0
+
+
+def test_unreadable_entries_are_acked_and_skipped(r: redis.Redis, stream: str) -> None:
+    group = "opd"
+    ensure_group(r, stream, group)
+    r.xadd(stream, {**encode(_block(step=0)), "schema_version": b"9"})
+    r.xadd(stream, encode(_block(step=1)))
+    got = read_blocks(r, stream, group, "w1", count=10)
+    assert [rec.step for _, rec in got] == [1]
+    assert r.xpending(stream, group)["pending"] == 1
+
+
+def test_unreachable_redis_never_blocks_submit() -> None:
+    metrics = Metrics()
+    logger = BlockLogger(
+        "redis://127.0.0.1:1/0",
+        "test:blocks:unreachable",
+        maxlen=100,
+        queue_size=2000,
+        metrics=metrics,
+        backoff_s=(0.01, 0.05),
+    )
+    rec = _block()
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        logger.submit(rec)
+    assert time.perf_counter() - t0 < 0.5
+    assert logger.flush(5.0)
+    assert (logger.written, logger.dropped) == (0, 1000)
+    assert metrics.block_records_dropped._value.get() == 1000
+    logger.close()
+
+
+def test_full_queue_drops_and_hung_redis_times_out() -> None:
+    # A server that accepts connections and never answers: the writer hangs in a
+    # read until its socket timeout, the queue fills, submit still returns at once.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)
+        port = hung.getsockname()[1]
+        logger = BlockLogger(
+            f"redis://127.0.0.1:{port}/0",
+            "test:blocks:hung",
+            maxlen=100,
+            queue_size=4,
+            batch_size=1,
+            socket_timeout_s=0.2,
+            backoff_s=(0.01, 0.02),
+        )
+        rec = _block()
+        logger.submit(rec)
+        time.sleep(0.05)  # the writer takes it and waits on the hung server
+        t0 = time.perf_counter()
+        for _ in range(100):
+            logger.submit(rec)
+        assert time.perf_counter() - t0 < 0.1
+        assert logger.dropped >= 100 - 4  # at most queue_size of them fit
+        assert logger.flush(5.0)  # each try ends at the socket timeout
+        assert (logger.written, logger.dropped) == (0, 101)
+        logger.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+def test_writer_recovers_when_redis_comes_back(tmp_path) -> None:
+    port = _free_port()
+    server = _start_redis(port, tmp_path)
+    stream = "test:blocks:recover"
+    logger = BlockLogger(
+        f"redis://127.0.0.1:{port}/0",
+        stream,
+        maxlen=1000,
+        queue_size=1000,
+        socket_timeout_s=0.5,
+        backoff_s=(0.05, 0.2),
+    )
+    try:
+        logger.submit(_block(step=0))
+        assert logger.flush(5.0) and logger.written == 1
+
+        _stop_redis(server)
+        for i in range(10):
+            logger.submit(_block(step=1 + i))
+        assert logger.flush(5.0)
+        assert logger.written == 1 and logger.dropped == 10
+
+        server = _start_redis(port, tmp_path)  # a fresh, empty server on the same port
+        step = 100
+
+        def delivered() -> bool:
+            nonlocal step
+            logger.submit(_block(step=step))
+            step += 1
+            return server.xlen(stream) > 0
+
+        assert _wait(delivered, 5.0), "writer did not reconnect by itself"
+        assert logger.flush(5.0)
+        assert logger.written >= 2
+        assert logger.written + logger.dropped == step - 100 + 11
+    finally:
+        logger.close(1.0)
+        _stop_redis(server)
