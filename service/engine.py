@@ -292,6 +292,8 @@ class Engine:
 
     def _admit(self) -> None:
         block = not self._active
+        if block:
+            self._set_gauges()  # idle: report 0 running before waiting for work
         while len(self._active) < self.max_num_seqs:
             try:
                 seq = self._incoming.get(block=block, timeout=None)
@@ -301,6 +303,9 @@ class Engine:
             if seq is None:
                 break
             self._active.append(seq)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
         if self.metrics is not None:
             self.metrics.running.set(len(self._active))
             self.metrics.waiting.set(self._incoming.qsize())
@@ -319,7 +324,7 @@ def _logprobs(logits: Tensor, tokens: list[int], top_n: int) -> tuple[list[float
     """Target log-probs of `tokens` (one per row) and the top_n alternatives.
     logits: (T, V); tokens: T ids."""
     lsm = torch.log_softmax(logits.float(), dim=-1)
-    idx = torch.tensor(tokens, device=lsm.device)
+    idx = torch.tensor(tokens, dtype=torch.long, device=lsm.device)  # long even when empty
     chosen = lsm[torch.arange(len(tokens), device=lsm.device), idx].tolist()
     tops: list[dict[int, float]] = []
     if top_n > 0:

@@ -1,0 +1,101 @@
+"""What the routes share: the server state built at start-up (settings,
+target, metrics, engine) and the `Annotated` dependencies that hand it to
+route functions. Routes of other modules (e.g. admin) import their
+dependencies from here, not from `app`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from ..async_engine import AsyncEngine
+from ..config import Settings
+from ..engine import BlockObservation, Engine
+from ..metrics import Metrics
+from ..runtime import Target, build_drafter, load_target
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    target: Target
+    metrics: Metrics
+    engine: Engine
+    async_engine: AsyncEngine
+    created: int = field(default_factory=lambda: int(time.time()))
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def model_names(self) -> set[str]:
+        """Names a request's `model` may use: the served name or the target's id."""
+        return {self.target.name, self.target.model_id}
+
+    @property
+    def system_fingerprint(self) -> str:
+        d = self.engine.drafter
+        return f"draftloop-{d.kind}-{d.version}"
+
+    def close(self) -> None:
+        self.engine.stop_loop()
+        for fn in self.on_close:
+            fn()
+
+
+def build_block_sink(settings: Settings, metrics: Metrics) -> Callable[[BlockObservation], None] | None:
+    """Where verify-step observations go (DESIGN §6).
+
+    HOOK for the block log: return a non-blocking callable that turns each
+    BlockObservation into a record for `service.blocklog.BlockLogger` (and
+    register its `close` in ServerState.on_close). Not wired yet: nothing is
+    recorded."""
+    if settings.block_log:
+        log.warning("DRAFTLOOP_BLOCK_LOG is on but the server does not write block records yet")
+    return None
+
+
+def load_state(settings: Settings) -> ServerState:
+    """Load target and drafter and build the engine (slow: runs before serving)."""
+    target = load_target(settings)
+    drafter = build_drafter(settings, target)
+    metrics = Metrics()
+    engine = Engine(
+        target.model,
+        drafter,
+        target.eos_token_ids,
+        num_speculative_tokens=settings.num_speculative_tokens,
+        metrics=metrics,
+        block_sink=build_block_sink(settings, metrics),
+        block_topk=settings.block_topk,
+        max_num_seqs=settings.max_num_seqs,
+    )
+    log.info(
+        "serving %s with drafter %s v%s, K=%d, max_num_seqs=%d",
+        target.name,
+        drafter.kind,
+        drafter.version,
+        settings.num_speculative_tokens,
+        settings.max_num_seqs,
+    )
+    return ServerState(settings, target, metrics, engine, AsyncEngine(engine, settings.max_queue))
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+StateDep = Annotated[ServerState, Depends(get_state)]
+
+
+def get_settings_dep(state: StateDep) -> Settings:
+    """The settings the server runs with (CLI flags included), not a fresh read of the environment."""
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

@@ -1,0 +1,73 @@
+"""asyncio front of the engine: the HTTP server's only way into it.
+
+The engine steps its sequences on its own thread; this class hands it one
+sequence per call and turns the thread's `emit` callbacks into an async
+iterator through an asyncio.Queue fed with `loop.call_soon_threadsafe`, so
+the event loop never waits on model work. Whenever the consumer stops early
+(client disconnect, stop string, error, cancellation) the sequence is marked
+cancelled and the engine frees its slot and KV cache at its next turn.
+
+Admission control: when the engine's waiting queue is full, new sequences
+are refused with `EngineOverloaded` (the API answers 429)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from .engine import Engine, Sequence, StepOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine's waiting queue is full; retry later."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int):
+        self.engine = engine
+        self.max_queue = max_queue
+
+    def check_capacity(self, num_seqs: int = 1) -> None:
+        """Raise EngineOverloaded unless `num_seqs` more sequences fit in the queue."""
+        waiting = self.engine.num_waiting
+        if waiting + num_seqs > self.max_queue:
+            raise EngineOverloaded(
+                f"the server is overloaded: {waiting} sequences are waiting (limit {self.max_queue}); retry later"
+            )
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[StepOutput]:
+        """Yield the engine's outputs for one sequence; the last one has a
+        finish_reason. An engine error for this sequence is raised here."""
+        self.check_capacity()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StepOutput | BaseException] = asyncio.Queue()
+        seq = Sequence(request_id, list(prompt_ids), params, emit=lambda _: None)
+
+        def emit(item: StepOutput | BaseException) -> None:  # runs on the engine thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                seq.cancelled = True
+
+        seq.emit = emit
+        self.engine.submit(seq)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            # no-op after a normal finish; otherwise the engine drops the sequence at its next turn
+            seq.cancelled = True
+
+    def stop(self) -> None:
+        self.engine.stop_loop()

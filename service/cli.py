@@ -1,0 +1,118 @@
+"""The `draftloop` command.
+
+    draftloop serve [--host H] [--port P] [--drafter KIND] [--num-speculative-tokens K] ...
+    draftloop fetch-model
+    draftloop train-sft [ARGS...]     (worker.sft, see `draftloop train-sft --help`)
+
+Flags override the DRAFTLOOP_* environment (see service.config). Heavy
+imports (torch, transformers, uvicorn) happen inside the commands, so
+`--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from .config import Settings
+
+log = logging.getLogger("draftloop")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DRAFTERS = ("auto", "eagle3", "draft_model", "ngram", "none")
+
+# serve flag -> Settings field (flags left out keep the environment's value)
+SERVE_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--host": ("host", str, "address to bind"),
+    "--port": ("port", int, "port to bind"),
+    "--target-model": ("target_model", str, "HF folder / hub id, or the embedded default"),
+    "--served-model-name": ("served_model_name", str, "the name clients pass as `model`"),
+    "--drafter": ("drafter", str, f"one of {', '.join(DRAFTERS)}"),
+    "--num-speculative-tokens": ("num_speculative_tokens", int, "K, tokens drafted per step"),
+    "--max-num-seqs": ("max_num_seqs", int, "sequences decoded concurrently"),
+    "--max-queue": ("max_queue", int, "waiting sequences before 429"),
+    "--max-model-len": ("max_model_len", int, "prompt + completion tokens per sequence"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--dtype": ("dtype", str, "auto | float32 | bfloat16 | float16"),
+    "--checkpoint-dir": ("checkpoint_dir", str, "drafter checkpoints"),
+}
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="draftloop", description="Speculative-decoding LLM server.")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    for flag, (field, kind, help_) in SERVE_FLAGS.items():
+        choices = DRAFTERS if field == "drafter" else None
+        serve.add_argument(flag, dest=field, type=kind, default=None, choices=choices, help=help_)
+    serve.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
+
+    fetch = sub.add_parser("fetch-model", help="prepare the embedded default model (idempotent)")
+    fetch.add_argument("--cache-dir", default=None, help="default: DRAFTLOOP_CACHE_DIR")
+    fetch.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
+
+    # its own parser (worker.sft) reads the rest of the command line, --help included
+    sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.sft)", add_help=False)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .api.app import create_app
+
+    overrides = {field: v for field, *_ in SERVE_FLAGS.values() if (v := getattr(args, field)) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        log.error("invalid setting: %s", exc)
+        return 2
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None)
+    return 0
+
+
+def fetch_model(args: argparse.Namespace) -> int:
+    from .modelstore import fetch_default_model
+
+    settings = Settings(**({"cache_dir": args.cache_dir} if args.cache_dir else {}))
+    path = fetch_default_model(settings.cache_dir, progress=log.info)
+    print(path)  # the command's result, for scripts
+    return 0
+
+
+def train_sft(argv: list[str]) -> int:
+    try:
+        from worker.sft import main as sft_main
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("worker", "worker.sft"):
+            raise
+        log.error("`draftloop train-sft` needs worker.sft, which is not installed in this checkout")
+        return 2
+    return int(sft_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    configure_logging(args.log_level)
+    if args.command == "train-sft":
+        return train_sft(rest)
+    if rest:
+        build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "serve":
+        return serve(args)
+    return fetch_model(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

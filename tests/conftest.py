@@ -1,0 +1,123 @@
+"""Session fixtures shared by the whole suite.
+
+- `settings`: Settings for tests (model cache under the repo's `.cache/draftloop`
+  unless DRAFTLOOP_CACHE_DIR says otherwise, a temporary checkpoint dir,
+  ngram drafter, block log off).
+- `default_model_dir`: the embedded default model, prepared once.
+- `target`: the default model loaded in-process, once.
+- `live_server` / `live_server_url`: one real `draftloop serve` process (uvicorn)
+  on a free port for the whole session, stopped at the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE_DIR = Path(os.environ.get("DRAFTLOOP_CACHE_DIR") or ROOT / ".cache" / "draftloop")
+SERVER_START_TIMEOUT_S = 300.0  # first run converts the default model (~20 s) on a slow CPU
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        cache_dir=CACHE_DIR,
+        checkpoint_dir=tmp_path_factory.mktemp("checkpoints"),
+        drafter="ngram",
+        block_log=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(settings: Settings) -> Path:
+    from service.modelstore import fetch_default_model
+
+    return fetch_default_model(settings.cache_dir, progress=log.info)
+
+
+@pytest.fixture(scope="session")
+def target(settings: Settings, default_model_dir: Path):
+    from service.runtime import load_target
+
+    return load_target(settings)
+
+
+@dataclass
+class LiveServer:
+    url: str  # e.g. http://127.0.0.1:PORT
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"the server was not healthy after {timeout_s:.0f} s:\n{server.log_tail()}")
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    settings: Settings, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`python -m service.cli serve` on a free port (one per session)."""
+    workdir = tmp_path_factory.mktemp("live_server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        "DRAFTLOOP_CACHE_DIR": str(settings.cache_dir),
+        "DRAFTLOOP_DRAFTER": "ngram",
+        "DRAFTLOOP_CHECKPOINT_DIR": str(workdir / "checkpoints"),
+        "DRAFTLOOP_BLOCK_LOG": "false",
+    }
+    log_path = workdir / "server.log"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        _wait_healthy(server, SERVER_START_TIMEOUT_S)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def live_server_url(live_server: LiveServer) -> str:
+    return live_server.url
