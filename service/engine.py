@@ -81,6 +81,27 @@ class Sequence:
         return self.params.max_tokens - self.num_generated
 
 
+@dataclass
+class StepTiming:
+    """Where decode steps spend their time (seconds, summed): drafting, the
+    target's verify forward, and the rest (acceptance, bookkeeping, logging)."""
+
+    steps: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    other_s: float = 0.0
+
+    def add(self, draft: float, verify: float, other: float) -> None:
+        self.steps += 1
+        self.draft_s += draft
+        self.verify_s += verify
+        self.other_s += other
+
+    def per_step_ms(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        return {k: 1000 * v / n for k, v in (("draft", self.draft_s), ("verify", self.verify_s), ("other", self.other_s))}
+
+
 class NoDrafter(Drafter):
     """Target-only decoding: never drafts."""
 
@@ -108,6 +129,7 @@ class Engine:
         self.k = num_speculative_tokens
         self.metrics = metrics
         self.stats = SpecDecodeStats(metrics)
+        self.timing = StepTiming()
         self.block_sink = block_sink
         self.block_topk = block_topk
         self.max_num_seqs = max_num_seqs
@@ -140,7 +162,10 @@ class Engine:
         _, h, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
         logits = self.target.lm_head(h if want_prompt_lp else h[-1:])
         tok = self._pick(logits[-1:], p, seq.gen)
+        seq.tokens.append(tok)  # the next token: emitted, not yet in the target cache
         seq.drafter.begin(seq, taps)
+        if self.block_sink is not None:  # the first token is a block with K = 0
+            self._log_block(seq, Proposal([], None, []), logits[-1:], 0, tok, len(seq.prompt_ids))
         out = self._emit(seq, [tok], logits[-1:])
         if want_prompt_lp:
             lp, top = _logprobs(logits[:-1], seq.prompt_ids[1:], p.logprobs or 0)
@@ -154,13 +179,16 @@ class Engine:
     def step(self, seq: Sequence) -> StepOutput:
         """One draft -> verify -> accept step."""
         p, cache = seq.params, seq.cache
+        t0 = time.perf_counter()
         k = max(0, min(self.k, seq.remaining - 1, cache.capacity - len(seq.tokens) - 1))
         proposal = seq.drafter.propose(seq, k, p, seq.gen) if k else Proposal([], None, [])
         drafted = proposal.tokens
         start_len = cache.length
         context = len(seq.tokens)
+        t1 = time.perf_counter()
         ids = torch.tensor([seq.tokens[-1], *drafted], dtype=torch.long, device=self.target.device)
         logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)
+        t2 = time.perf_counter()
         draft_t = ids[1:]
         if p.greedy:
             n, nxt = greedy_verify(draft_t, logits)
@@ -171,10 +199,11 @@ class Engine:
         seq.tokens.extend(drafted[:n])
         seq.tokens.append(nxt)
         seq.drafter.commit(seq, n, taps)
-        if self.block_sink is not None and drafted:
+        if self.block_sink is not None:
             self._log_block(seq, proposal, logits, n, nxt, context)
-        seq.steps += 1
-        return self._emit(seq, [*drafted[:n], nxt], logits[: n + 1])
+        out = self._emit(seq, [*drafted[:n], nxt], logits[: n + 1])
+        self.timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        return out
 
     def _pick(self, logits: Tensor, p: SamplingParams, gen: torch.Generator) -> int:
         if p.greedy:
@@ -204,6 +233,8 @@ class Engine:
         return out
 
     def _log_block(self, seq, proposal: Proposal, logits: Tensor, n: int, nxt: int, context: int) -> None:
+        """Every step is logged, K = 0 ones too, so a consumer can rebuild any
+        block's prefix from the prompt and the emitted tokens of earlier blocks."""
         lsm = torch.log_softmax(logits.float(), dim=-1)
         k = len(proposal.tokens)
         top = torch.topk(lsm, min(self.block_topk, lsm.shape[-1]), dim=-1)
@@ -223,6 +254,7 @@ class Engine:
             target_draft_logprobs=draft_lp.tolist(),
             prompt_ids=list(seq.prompt_ids) if seq.steps == 0 else None,
         )
+        seq.steps += 1
         try:
             self.block_sink(obs)
         except Exception:  # the log must never take a request down
