@@ -2,6 +2,7 @@
 
     draftloop serve [--host H] [--port P] [--drafter KIND] [--num-speculative-tokens K] ...
     draftloop fetch-model
+    draftloop up                      (Redis if needed + server + Celery worker + beat)
     draftloop train-sft [ARGS...]     (worker.sft, see `draftloop train-sft --help`)
 
 Flags override the DRAFTLOOP_* environment (see service.config). Heavy
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--cache-dir", default=None, help="default: DRAFTLOOP_CACHE_DIR")
     fetch.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
 
+    up = sub.add_parser("up", help="run the whole loop here: server, Celery worker and beat (and Redis if none)")
+    up.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
+
     # its own parser (worker.sft) reads the rest of the command line, --help included
     sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.sft)", add_help=False)
     return parser
@@ -111,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
         return serve(args)
+    if args.command == "up":
+        from .stack import up
+
+        return up(Settings())
     return fetch_model(args)
 
 

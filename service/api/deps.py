@@ -48,16 +48,41 @@ class ServerState:
             fn()
 
 
-def build_block_sink(settings: Settings, metrics: Metrics) -> Callable[[BlockObservation], None] | None:
-    """Where verify-step observations go (DESIGN §6).
+def build_block_sink(
+    settings: Settings, metrics: Metrics, target_model: str, on_close: list[Callable[[], None]]
+) -> Callable[[BlockObservation], None] | None:
+    """Where verify-step observations go (DESIGN §6): a non-blocking hand-off to
+    the block log's bounded queue; its writer thread talks to Redis."""
+    if not settings.block_log:
+        return None
+    from ..blocklog import BlockLogger, BlockRecord, PromptRecord
 
-    HOOK for the block log: return a non-blocking callable that turns each
-    BlockObservation into a record for `service.blocklog.BlockLogger` (and
-    register its `close` in ServerState.on_close). Not wired yet: nothing is
-    recorded."""
-    if settings.block_log:
-        log.warning("DRAFTLOOP_BLOCK_LOG is on but the server does not write block records yet")
-    return None
+    logger = BlockLogger.from_settings(settings, metrics)
+    on_close.append(lambda: logger.close(timeout=2.0))
+
+    def sink(obs: BlockObservation) -> None:
+        if obs.prompt_ids is not None:
+            logger.submit(PromptRecord(obs.request_id, obs.prompt_ids))
+        logger.submit(
+            BlockRecord(
+                request_id=obs.request_id,
+                step=obs.step,
+                drafter_version=obs.drafter_version,
+                target_model=target_model,
+                temperature=obs.temperature,
+                position=obs.position,
+                draft_tokens=obs.draft_tokens,
+                draft_logprobs=obs.draft_logprobs,
+                num_accepted=obs.num_accepted,
+                next_token=obs.next_token,
+                target_top_ids=obs.target_top_ids,
+                target_top_logprobs=obs.target_top_logprobs,
+                target_draft_logprobs=obs.target_draft_logprobs,
+            )
+        )
+
+    log.info("logging verify blocks to %s (stream %s)", settings.redis_url, settings.block_stream)
+    return sink
 
 
 def load_state(settings: Settings) -> ServerState:
@@ -65,13 +90,14 @@ def load_state(settings: Settings) -> ServerState:
     target = load_target(settings)
     drafter = build_drafter(settings, target)
     metrics = Metrics()
+    on_close: list[Callable[[], None]] = []
     engine = Engine(
         target.model,
         drafter,
         target.eos_token_ids,
         num_speculative_tokens=settings.num_speculative_tokens,
         metrics=metrics,
-        block_sink=build_block_sink(settings, metrics),
+        block_sink=build_block_sink(settings, metrics, target.model_id, on_close),
         block_topk=settings.block_topk,
         max_num_seqs=settings.max_num_seqs,
     )
@@ -83,7 +109,7 @@ def load_state(settings: Settings) -> ServerState:
         settings.num_speculative_tokens,
         settings.max_num_seqs,
     )
-    return ServerState(settings, target, metrics, engine, AsyncEngine(engine, settings.max_queue))
+    return ServerState(settings, target, metrics, engine, AsyncEngine(engine, settings.max_queue), on_close=on_close)
 
 
 def get_state(request: Request) -> ServerState:
