@@ -1,0 +1,216 @@
+"""The drafter-version contract between the worker and the servers (DESIGN §8):
+which checkpoint directories exist, and the Redis pointer that says which one
+to serve.
+
+Files: `<checkpoint_dir>/<kind>/v{N}/` with `manifest.json` (written last, by an
+atomic rename of the whole directory). Old versions stay on disk for rollback.
+
+Redis (`ns` = namespace, default "draftloop"):
+
+- key `{ns}:drafter:current`: the version servers must serve, JSON
+  `{"kind": "eagle3", "version": N, "path": "<dir>", "pinned": bool, "updated_at": "<ISO-8601 UTC>"}`
+- channel `{ns}:drafter:updates`: the same JSON, published each time the key
+  changes (a wake-up: servers re-read the key, and also poll it)
+- key `{ns}:drafter:latest`: the newest automatically published version
+  (same JSON, pinned false); "unpin" moves the pointer back to it
+
+Pinning: an operator pin (`pinned=True`) always moves the pointer. While the
+pointer is pinned, an automatic publish (`pinned=False`) only records itself in
+`latest` and leaves the pointer where it is; it also never moves an unpinned
+pointer to an older version (a redelivered task publishing a stale result).
+Both checks run inside one Lua script, so concurrent publishers cannot race.
+
+Imports no torch and no web framework: the worker and the API both use it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "draftloop"
+DEFAULT_KIND = "eagle3"
+MANIFEST_FILE = "manifest.json"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+# KEYS: pointer, latest, channel. ARGV: payload JSON, pinned ("1"/"0"), version.
+# Returns 1 when the pointer moved (and was published), 0 when it stayed.
+_PUBLISH_LUA = """
+local version = tonumber(ARGV[3])
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', KEYS[3], ARGV[1])
+  return 1
+end
+local latest = redis.call('GET', KEYS[2])
+local ok, old = pcall(cjson.decode, latest or '')
+local old_version = ok and type(old) == 'table' and tonumber(old['version']) or nil
+if old_version == nil or old_version <= version then
+  redis.call('SET', KEYS[2], ARGV[1])
+end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok2, c = pcall(cjson.decode, cur)
+  if ok2 and type(c) == 'table' then
+    if c['pinned'] == true then return 0 end
+    if tonumber(c['version']) ~= nil and tonumber(c['version']) > version then return 0 end
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('PUBLISH', KEYS[3], ARGV[1])
+return 1
+"""
+
+# KEYS: pointer, latest, channel. ARGV: updated_at. Points at `latest` (unpinned)
+# and returns the new pointer JSON; nil (nothing changed) when there is no latest.
+_UNPIN_LUA = """
+local latest = redis.call('GET', KEYS[2])
+if not latest then return nil end
+local ok, obj = pcall(cjson.decode, latest)
+if not ok or type(obj) ~= 'table' then return nil end
+obj['pinned'] = false
+obj['updated_at'] = ARGV[1]
+local raw = cjson.encode(obj)
+redis.call('SET', KEYS[1], raw)
+redis.call('PUBLISH', KEYS[3], raw)
+return raw
+"""
+
+
+def pointer_key(namespace: str = DEFAULT_NAMESPACE) -> str:
+    return f"{namespace}:drafter:current"
+
+
+def latest_key(namespace: str = DEFAULT_NAMESPACE) -> str:
+    return f"{namespace}:drafter:latest"
+
+
+def updates_channel(namespace: str = DEFAULT_NAMESPACE) -> str:
+    return f"{namespace}:drafter:updates"
+
+
+# ---------------------------------------------------------------------------
+# files
+
+
+def version_path(checkpoint_dir: str | Path, version: int, kind: str = DEFAULT_KIND) -> Path:
+    """`<checkpoint_dir>/<kind>/v{version}` (whether or not it exists)."""
+    return Path(checkpoint_dir) / kind / f"v{int(version)}"
+
+
+def list_versions(checkpoint_dir: str | Path, kind: str = DEFAULT_KIND) -> list[int]:
+    """Versions with a complete directory (its manifest present), oldest first."""
+    root = Path(checkpoint_dir) / kind
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _VERSION_DIR.match(p.name)
+        if m and (p / MANIFEST_FILE).is_file():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+# ---------------------------------------------------------------------------
+# the pointer
+
+
+def pointer_payload(
+    version: int, path: str | Path, pinned: bool = False, kind: str = DEFAULT_KIND
+) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "version": int(version),
+        "path": str(Path(path).resolve()),
+        "pinned": bool(pinned),
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+    }
+
+
+def publish_version(
+    redis: Redis,
+    version: int,
+    path: str | Path,
+    pinned: bool = False,
+    kind: str = DEFAULT_KIND,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> bool:
+    """Point the servers at checkpoint `version` in `path` (SET, then PUBLISH).
+
+    Call only once the checkpoint directory is durable (renamed into place).
+    `pinned=False` (the worker): does not move a pinned pointer nor an unpinned
+    one that names a newer version; the version is still recorded as the
+    latest automatic one. `pinned=True` (an operator): always moves it.
+    Returns whether the pointer moved. Raises FileNotFoundError when `path`
+    holds no manifest, redis.RedisError when Redis fails."""
+    if not (Path(path) / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(f"{path}: no {MANIFEST_FILE}; publish only a complete checkpoint directory")
+    payload = json.dumps(pointer_payload(version, path, pinned, kind))
+    keys = [pointer_key(namespace), latest_key(namespace), updates_channel(namespace)]
+    moved = bool(
+        redis.eval(_PUBLISH_LUA, len(keys), *keys, payload, "1" if pinned else "0", str(int(version)))
+    )
+    if moved:
+        log.info("drafter pointer -> %s v%d%s (%s)", kind, version, " (pinned)" if pinned else "", path)
+    else:
+        log.info("drafter %s v%d recorded; the pointer stays (pinned or newer)", kind, version)
+    return moved
+
+
+def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (TypeError, ValueError):
+        log.warning("ignoring an unreadable drafter pointer: %r", raw[:200])
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("version"), int):
+        log.warning("ignoring a drafter pointer without an integer version: %r", obj)
+        return None
+    return obj
+
+
+def read_pointer(redis: Redis, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
+    """The current pointer, or None when there is none (or it is unreadable)."""
+    return _decode(redis.get(pointer_key(namespace)))
+
+
+def read_latest(redis: Redis, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
+    """The newest automatically published version, or None."""
+    return _decode(redis.get(latest_key(namespace)))
+
+
+def unpin(
+    redis: Redis, checkpoint_dir: str | Path, kind: str = DEFAULT_KIND, namespace: str = DEFAULT_NAMESPACE
+) -> dict[str, Any] | None:
+    """Follow the newest version again: the pointer moves (unpinned) to the
+    latest automatically published version, atomically; when Redis has no
+    record of one, to the newest complete version on disk; with no version at
+    all the pointer is deleted. Returns the new pointer."""
+    keys = [pointer_key(namespace), latest_key(namespace), updates_channel(namespace)]
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    raw = redis.eval(_UNPIN_LUA, len(keys), *keys, now)
+    if raw is not None:
+        pointer = _decode(raw)
+    else:
+        versions = list_versions(checkpoint_dir, kind)
+        if not versions:
+            redis.delete(pointer_key(namespace))
+            log.info("drafter pointer removed (unpinned, no version on disk)")
+            return None
+        pointer = pointer_payload(versions[-1], version_path(checkpoint_dir, versions[-1], kind), kind=kind)
+        raw = json.dumps(pointer)
+        pipe = redis.pipeline(transaction=True)
+        pipe.set(keys[0], raw)
+        pipe.publish(keys[2], raw)
+        pipe.execute()
+    log.info("drafter pointer unpinned -> %s", pointer)
+    return pointer

@@ -1,0 +1,340 @@
+"""Hot reload of the drafter (DESIGN §8): follow the Redis pointer of
+`service.checkpoints` and swap new versions into the engine while it serves.
+
+A daemon thread subscribes to `{ns}:drafter:updates` and, as the fallback for
+a missed message or a restarted Redis, re-reads `{ns}:drafter:current` every
+`poll_interval_s` (and right after each (re)connect). When the pointer names
+a version other than the serving one, the thread loads it -- off the decode
+path; the eagle3 loader checks target id, shapes and sha256 -- and calls
+`Engine.set_drafter`: new sequences use it, running ones finish on theirs.
+
+- A checkpoint that fails to load is refused: the old drafter keeps serving,
+  `draftloop_drafter_reloads_total{outcome="refused"}` counts it, the reason
+  is logged, and the same (version, files) pair is not tried again; a
+  directory whose files change (or appear) is tried once more.
+- Redis down: the server keeps serving its drafter; the thread reconnects with
+  exponential backoff (0.5 s doubling to `max_backoff_s`) and never dies.
+- `reload_now`, `pin`, `unpin`: the synchronous operations of the admin API.
+
+The reloader follows the pointer only when the server runs `DRAFTLOOP_DRAFTER`
+`auto` or `eagle3`; with an explicit other kind, `start` does nothing (pins
+through the admin API still work). Imports no web framework."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis import Redis, RedisError
+
+from . import checkpoints
+from .config import Settings
+from .drafters.base import Drafter
+from .engine import Engine
+from .metrics import Metrics
+from .runtime import Target
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[Path, Target], Drafter]
+FOLLOWING_KINDS = ("auto", "eagle3")  # DRAFTLOOP_DRAFTER values that follow the pointer
+
+
+class ReloadError(Exception):
+    """A reload the admin API asked for did not happen."""
+
+
+class UnknownVersion(ReloadError, LookupError):
+    """No complete checkpoint directory for that version."""
+
+
+class CheckpointRefused(ReloadError):
+    """The checkpoint exists but must not be served; the message says why."""
+
+
+class PointerUnavailable(ReloadError):
+    """Redis failed, so the pointer could not be read or written."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    kind: str
+    version: int
+    path: str
+    fingerprint: tuple | None  # the directory's files (name, mtime_ns, size) when refused
+    reason: str
+
+
+def _default_loader(path: Path, target: Target) -> Drafter:
+    from .drafters import eagle3  # torch-heavy; imported on first use
+
+    return eagle3.load_checkpoint(path, target)
+
+
+def fingerprint(path: Path) -> tuple | None:
+    """Cheap identity of a checkpoint directory's contents (no hashing): the
+    refusal memory retries a version only when this changes."""
+    try:
+        return tuple(
+            sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in path.iterdir() if p.is_file())
+        )
+    except OSError:
+        return None
+
+
+class DrafterReloader:
+    """Keeps `engine.drafter` at the version the Redis pointer names."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        target: Target,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        namespace: str = checkpoints.DEFAULT_NAMESPACE,
+        poll_interval_s: float = 5.0,
+        max_backoff_s: float = 30.0,
+        redis: Redis | None = None,
+        loaders: dict[str, Loader] | None = None,
+    ):
+        self.engine = engine
+        self.target = target
+        self.settings = settings
+        self.metrics = metrics
+        self.namespace = namespace
+        self.poll_interval_s = poll_interval_s
+        self.max_backoff_s = max_backoff_s
+        self.redis = redis or Redis.from_url(
+            settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+        self.loaders: dict[str, Loader] = loaders or {"eagle3": _default_loader}
+        self.follow = settings.drafter in FOLLOWING_KINDS
+        self._lock = threading.RLock()  # one load + swap at a time (thread and admin API)
+        self._refused: dict[tuple, Refusal] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._redis_ok = True
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self) -> None:
+        if not self.follow:
+            log.info("drafter hot reload off: DRAFTLOOP_DRAFTER=%s is not auto/eagle3", self.settings.drafter)
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="drafter-reloader", daemon=True)
+        self._thread.start()
+        log.info(
+            "drafter hot reload on: channel %s, polling %s every %.1f s",
+            checkpoints.updates_channel(self.namespace),
+            checkpoints.pointer_key(self.namespace),
+            self.poll_interval_s,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the thread ----------------------------------------------------------
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(checkpoints.updates_channel(self.namespace))
+                self.check()  # catch up on whatever happened while not subscribed
+                self._set_redis_ok(True)
+                backoff = 0.5
+                next_poll = time.monotonic() + self.poll_interval_s
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=min(0.5, self.poll_interval_s))
+                    if (msg is not None and msg.get("type") == "message") or time.monotonic() >= next_poll:
+                        self.check()  # a message is only a wake-up: the key is the truth
+                        next_poll = time.monotonic() + self.poll_interval_s
+            except RedisError as exc:
+                self._set_redis_ok(False, exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            except Exception:  # a bug must not end hot reload for the server's lifetime
+                log.exception("drafter reloader: unexpected error; retrying in %.1f s", backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def _set_redis_ok(self, ok: bool, exc: Exception | None = None, backoff: float = 0.0) -> None:
+        if ok and not self._redis_ok:
+            log.info("drafter reloader: Redis reachable again")
+        elif not ok:
+            level = logging.WARNING if self._redis_ok else logging.DEBUG
+            log.log(
+                level,
+                "drafter reloader: Redis unavailable (%s); serving on, retrying in %.1f s",
+                exc,
+                backoff,
+            )
+        self._redis_ok = ok
+
+    # ---- following the pointer -------------------------------------------------
+    def check(self) -> bool:
+        """Read the pointer and apply it. Returns whether the drafter changed.
+        Raises RedisError when Redis fails (the thread reconnects)."""
+        with self._lock:
+            pointer = checkpoints.read_pointer(self.redis, self.namespace)
+            if pointer is None:
+                return False
+            return self._apply(pointer)
+
+    def _apply(self, pointer: dict[str, Any]) -> bool:
+        kind, version = str(pointer.get("kind") or checkpoints.DEFAULT_KIND), int(pointer["version"])
+        if self._serving(kind, version):
+            return False
+        path = self._resolve(kind, version, pointer.get("path"))
+        fp = fingerprint(path)
+        key = (kind, version, str(path), fp)
+        if key in self._refused:
+            log.debug("drafter %s v%d was refused before and is unchanged; not retrying", kind, version)
+            return False
+        try:
+            drafter = self._load(kind, version, path)
+        except CheckpointRefused as exc:
+            self._refused[key] = Refusal(kind, version, str(path), fp, str(exc))
+            return False
+        self._swap(drafter)
+        return True
+
+    def _serving(self, kind: str, version: int) -> bool:
+        d = self.engine.drafter
+        return d.kind == kind and str(d.version) == str(version)
+
+    def _resolve(self, kind: str, version: int, pointer_path: str | None) -> Path:
+        """This server's own copy (`<checkpoint_dir>/<kind>/v{N}`) when it is
+        complete, else the path the publisher wrote (another mount)."""
+        local = checkpoints.version_path(self.settings.checkpoint_dir, version, kind)
+        if (local / checkpoints.MANIFEST_FILE).is_file() or not pointer_path:
+            return local
+        return Path(pointer_path)
+
+    def _load(self, kind: str, version: int, path: Path) -> Drafter:
+        """Load (never swap); any failure becomes CheckpointRefused, counted and logged."""
+        t0 = time.perf_counter()
+        try:
+            loader = self.loaders.get(kind)
+            if loader is None:
+                raise ValueError(f"no loader for drafter kind {kind!r}")
+            if not path.is_dir():
+                raise FileNotFoundError(f"{path}: no such checkpoint directory")
+            drafter = loader(path, self.target)
+            if str(drafter.version) != str(version):
+                raise ValueError(
+                    f"{path}: its manifest says version {drafter.version}, the pointer says {version}"
+                )
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            if self.metrics is not None:
+                self.metrics.drafter_reloads.labels(outcome="refused").inc()
+            log.error(
+                "drafter %s v%d refused, still serving %s v%s: %s",
+                kind,
+                version,
+                self.engine.drafter.kind,
+                self.engine.drafter.version,
+                reason,
+            )
+            raise CheckpointRefused(reason) from exc
+        log.info("drafter %s v%d loaded from %s in %.2f s", kind, version, path, time.perf_counter() - t0)
+        return drafter
+
+    def _swap(self, drafter: Drafter) -> None:
+        old = self.engine.drafter
+        self.engine.set_drafter(drafter)
+        if self.metrics is not None:
+            self.metrics.drafter_reloads.labels(outcome="ok").inc()
+        log.info("drafter swapped: %s v%s -> %s v%s", old.kind, old.version, drafter.kind, drafter.version)
+
+    # ---- admin operations (synchronous) -----------------------------------------
+    def _complete_path(self, version: int, kind: str) -> Path:
+        if version not in checkpoints.list_versions(self.settings.checkpoint_dir, kind):
+            raise UnknownVersion(
+                f"no complete {kind} checkpoint v{version} in {self.settings.checkpoint_dir}"
+            )
+        return checkpoints.version_path(self.settings.checkpoint_dir, version, kind)
+
+    def reload_now(self, version: int, kind: str = checkpoints.DEFAULT_KIND) -> Drafter:
+        """Load version `version` and serve it now, without touching the pointer
+        (the thread moves back to the pointer's version on its next check).
+        Raises UnknownVersion or CheckpointRefused."""
+        with self._lock:
+            if self._serving(kind, version):
+                return self.engine.drafter
+            drafter = self._load(kind, version, self._complete_path(version, kind))
+            self._swap(drafter)
+            return drafter
+
+    def pin(self, version: int, kind: str = checkpoints.DEFAULT_KIND) -> dict[str, Any]:
+        """Serve `version` and pin the pointer to it (every server follows; the
+        worker's new versions no longer move it). Loads first, so a refused
+        checkpoint changes nothing. Returns the pointer. Raises UnknownVersion,
+        CheckpointRefused or PointerUnavailable (nothing swapped)."""
+        with self._lock:
+            path = self._complete_path(version, kind)
+            drafter = None if self._serving(kind, version) else self._load(kind, version, path)
+            try:
+                checkpoints.publish_version(
+                    self.redis, version, path, pinned=True, kind=kind, namespace=self.namespace
+                )
+            except RedisError as exc:
+                raise PointerUnavailable(f"Redis unavailable, the pin was not recorded: {exc}") from exc
+            if drafter is not None:
+                self._swap(drafter)
+            return checkpoints.pointer_payload(version, path, pinned=True, kind=kind)
+
+    def unpin(self, kind: str = checkpoints.DEFAULT_KIND) -> dict[str, Any] | None:
+        """Follow the newest published version again (see checkpoints.unpin) and
+        apply it now. Returns the new pointer. Raises PointerUnavailable."""
+        with self._lock:
+            try:
+                pointer = checkpoints.unpin(self.redis, self.settings.checkpoint_dir, kind, self.namespace)
+            except RedisError as exc:
+                raise PointerUnavailable(f"Redis unavailable, nothing changed: {exc}") from exc
+            if pointer is not None:
+                self._apply(pointer)
+            return pointer
+
+    def status(self) -> dict[str, Any]:
+        """What is served, what the pointer says, what exists on disk."""
+        out: dict[str, Any] = {
+            "serving": self.engine.drafter.describe(),
+            "following": self.follow,
+            "running": self.running,
+            "versions": checkpoints.list_versions(self.settings.checkpoint_dir),
+            "refused": [
+                {"version": r.version, "path": r.path, "reason": r.reason}
+                for r in list(self._refused.values())
+            ],
+        }
+        try:
+            out["pointer"] = checkpoints.read_pointer(self.redis, self.namespace)
+            out["latest_published"] = checkpoints.read_latest(self.redis, self.namespace)
+            out["redis"] = "ok"
+        except RedisError as exc:
+            out.update(pointer=None, latest_published=None, redis=f"unavailable: {exc}")
+        return out
