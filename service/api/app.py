@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Settings, get_settings
+from ..reloader import DrafterReloader
 from .completions import CompletionServiceDep
 from .deps import ServerState, StateDep, load_state
 from .errors import APIError, install_error_handlers
@@ -154,10 +155,15 @@ def create_app(settings: Settings | None = None, runtime: ServerState | None = N
         state = runtime or await asyncio.to_thread(load_state, settings)
         state.engine.start_loop()
         app.state.server = state
+        # follows the published drafter version (pub/sub + polling), off the decode path
+        reloader = DrafterReloader(state.engine, state.target, state.settings, state.metrics)
+        reloader.start()
+        app.state.reloader = reloader
         log.info("ready: model %s, max_model_len %d", state.target.name, settings.max_model_len)
         try:
             yield
         finally:
+            reloader.stop()
             if runtime is None:
                 await asyncio.to_thread(state.close)
 
