@@ -238,7 +238,7 @@ class Engine:
         lsm = torch.log_softmax(logits.float(), dim=-1)
         k = len(proposal.tokens)
         top = torch.topk(lsm, min(self.block_topk, lsm.shape[-1]), dim=-1)
-        draft_lp = lsm[torch.arange(k, device=lsm.device), torch.tensor(proposal.tokens, device=lsm.device)]
+        draft_lp = lsm[torch.arange(k, device=lsm.device), torch.tensor(proposal.tokens, dtype=torch.long, device=lsm.device)]
         obs = BlockObservation(
             request_id=seq.request_id,
             step=seq.steps,
