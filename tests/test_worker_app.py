@@ -87,3 +87,15 @@ def test_expired_lock_is_taken_over_without_error(r: redis.Redis) -> None:
             assert second
     # the second released its own lock; the stale holder's exit found nothing of its own and did not raise
     assert not r.exists(lock_key(name))
+
+
+def test_renewed_lock_outlives_its_timeout_and_frees_after_the_holder(r: redis.Redis) -> None:
+    name = f"test-{uuid.uuid4().hex}"
+    with training_lock(r, name, timeout_s=0.5, renew_every_s=0.1) as held:
+        assert held
+        time.sleep(1.2)  # well past the timeout: only the renewals keep it
+        assert r.exists(lock_key(name))
+        with training_lock(r, name) as other:
+            assert not other
+        assert 0 < r.pttl(lock_key(name)) <= 500
+    assert not r.exists(lock_key(name))
