@@ -5,7 +5,9 @@
     block records, `opd_update` trains on them and publishes v2, the server
     reloads it while it keeps serving, and `/metrics` shows it;
 (b) the worker is SIGKILLed mid-training: no partial checkpoint is ever
-    visible, and the next run trains on exactly the blocks left unacked.
+    visible, and the next run trains on exactly the blocks left unacked;
+and, in-process, the task's bookkeeping: too few blocks consume nothing, a run
+that reported but did not ack is recognised and only acked.
 
 Each test gets a Redis database of its own (broker, result backend, block
 stream, drafter pointer and training lock all live there) and a temporary
@@ -426,3 +428,35 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
         problems = watcher.stop()
     assert not problems, problems
     assert not [p for p in (ckdir / eagle3.KIND_DIR).iterdir() if p.name.startswith("v") and p.name not in watcher.seen]
+
+
+# ---- the task's bookkeeping, in-process ------------------------------------------------------
+
+
+def test_update_waits_for_blocks_and_recognises_a_finished_run(redis_db: str, settings: Settings, target, tmp_path: Path):
+    """Below DRAFTLOOP_OPD_MIN_BLOCKS nothing is consumed; a run that wrote its
+    report but died before XACK is only acked by the next one, not retrained."""
+    from worker import tasks
+
+    ckdir, stream = tmp_path / "checkpoints", f"test-loop:{uuid.uuid4().hex[:8]}:blocks"
+    r = redis.Redis.from_url(redis_db)
+    head = eagle3.Eagle3Head(eagle3.Eagle3Config.for_target(target.model.cfg, draft_vocab_size=8192))
+    head.reset_parameters(torch.Generator().manual_seed(0))
+    eagle3.save_checkpoint(head.attach(target.model), ckdir, target.model_id)  # no pointer yet
+    n = write_blocks(target, head, redis_db, stream, n_prompts=1, reps=1)
+    s = Settings(redis_url=redis_db, checkpoint_dir=ckdir, block_stream=stream, opd_min_blocks=n + 1, cache_dir=settings.cache_dir)
+
+    out = tasks.run_update(r, s, target)
+    assert out == {"status": "waiting", "blocks_waiting": n, "min_blocks": n + 1, "version": 1}
+    assert checkpoints.read_pointer(r)["version"] == 1  # the version on disk was published for the servers
+    assert r.xpending(stream, tasks.GROUP)["pending"] == 0 and tasks.waiting_blocks(r, stream) == (n, 0)
+
+    # a run read every block, wrote its report, and died before acking
+    entries, bad = tasks.read_entries(r, stream, tasks.GROUP, tasks.CONSUMER, 10_000)
+    ids = sorted([e for e, _ in entries] + bad, key=tasks._id_key)
+    assert len(ids) == n and tasks.waiting_blocks(r, stream) == (0, n)
+    tasks.write_report(ckdir, 1, {"kind": "opd", "status": "not_published", "stream": stream,
+                                  "entries": {"count": n, "first_id": ids[0], "last_id": ids[-1]}})
+    out = tasks.run_update(r, Settings(**{**s.model_dump(), "opd_min_blocks": 1}), target)
+    assert out["status"] == "already_done" and out["acked"] == n
+    assert tasks.waiting_blocks(r, stream) == (0, 0) and len(eagle3.list_versions(ckdir)) == 1

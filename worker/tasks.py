@@ -21,7 +21,8 @@ One run, under the Redis training lock (a run that finds it held returns at once
    only acks.
 
 Report fields: kind ("opd" | "sft_bootstrap"), status ("published" |
-"not_published" | "bootstrapped" | "no_usable_blocks"), published, base_version,
+"not_published" | "bootstrapped" | "no_usable_blocks"), published, pointer_moved
+(when published; false if an operator pinned the pointer), base_version,
 new_version, checkpoint, started_at, duration_s, stream, group, entries {count,
 first_id, last_id}, blocks {records, used, empty, no_context, stale,
 too_short, undecodable, train_blocks, train_requests, heldout_blocks,
