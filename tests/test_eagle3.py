@@ -83,7 +83,7 @@ def test_state_after_accept_and_reject_equals_fresh_start():
     started from scratch on the same tokens (rollback and feature bookkeeping)."""
     target = tiny_target()
     model = target.model
-    drafter = Eagle3Drafter(tiny_head(target), model)
+    drafter = Eagle3Drafter(tiny_head(target), model, min_confidence=0.0)  # always k drafts
     greedy = SamplingParams(temperature=0.0)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, TINY.vocab_size, (7,), generator=gen).tolist()
