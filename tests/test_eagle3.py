@@ -278,3 +278,22 @@ def test_killed_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     assert [h["step"] for h in history] == list(range(6))
     for name, tensor in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_min_confidence_shortens_drafts():
+    """The chain-confidence rule: the first token is always drafted; with a
+    threshold of 1 nothing more, with 0 all k."""
+    target = tiny_target()
+    model = target.model
+    greedy = SamplingParams(temperature=0.0)
+    lengths = {}
+    for conf in (0.0, 1.0):
+        drafter = Eagle3Drafter(tiny_head(target), model, min_confidence=conf)
+        seq = SimpleNamespace(tokens=[3, 1, 4, 1, 5], capacity=64, draft_state=None)
+        with torch.inference_mode():
+            _, _, taps = model(torch.tensor(seq.tokens[:-1]), model.new_cache(64), hidden_layers=drafter.hidden_layers)
+            drafter.begin(seq, taps)
+            proposal = drafter.propose(seq, 5, greedy, None)
+        assert len(proposal.logprobs) == len(proposal.tokens)
+        lengths[conf] = len(proposal.tokens)
+    assert lengths == {0.0: 5, 1.0: 1}

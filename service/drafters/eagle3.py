@@ -515,6 +515,8 @@ class Eagle3Drafter(Drafter):
             "version": self.version,
             "hidden_layers": list(self.hidden_layers),
             "draft_vocab_size": self.head.cfg.draft_vocab_size,
+            "context_vocab": self.context_vocab,
+            "min_confidence": self.min_confidence,
         }
 
 
