@@ -494,6 +494,8 @@ class Eagle3Drafter(Drafter):
             if not params.greedy:
                 dists.append(q[0])
             drafted.append(int(tok))
+            if chain < self.min_confidence:
+                break  # no later token can pass either (the chain only shrinks): skip its head step
             if i + 1 < k:
                 h = head.step(h, tok.view(1), st.k, st.v, pos)
                 pos += 1
