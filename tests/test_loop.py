@@ -43,7 +43,7 @@ from service.metrics import Metrics
 from service.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
-from worker.tasks import GROUP, OPD_TRAIN_ENV, SFT_BOOTSTRAP_ENV
+from worker.tasks import GROUP
 
 from .conftest import ROOT, free_port
 
@@ -256,7 +256,8 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
     env = loop_env(
         redis_db, ckdir, stream, settings.cache_dir,
         DRAFTLOOP_OPD_MIN_BLOCKS="60",
-        **{SFT_BOOTSTRAP_ENV: json.dumps(TINY_SFT), OPD_TRAIN_ENV: json.dumps({"epochs": 2, "batch_tokens": 512})},
+        DRAFTLOOP_SFT_BOOTSTRAP=json.dumps(TINY_SFT),
+        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 2, "batch_tokens": 512}),
     )
     r = redis.Redis.from_url(redis_db)
     watcher = CheckpointWatcher(ckdir)
@@ -382,7 +383,7 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
     env = loop_env(
         redis_db, ckdir, stream, settings.cache_dir,
         DRAFTLOOP_OPD_MIN_BLOCKS="40",
-        **{OPD_TRAIN_ENV: json.dumps({"epochs": 6, "batch_tokens": 128, "heldout_fraction": 0.25})},
+        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 6, "batch_tokens": 128, "heldout_fraction": 0.25}),
     )
     watcher = CheckpointWatcher(ckdir)
     watcher.start()

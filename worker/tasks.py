@@ -31,10 +31,9 @@ tau_before, tau_after, eval {before, after}, train {steps, seconds,
 stopped_early}, config.
 
 Settings: DRAFTLOOP_REDIS_URL, _CHECKPOINT_DIR, _BLOCK_STREAM, _OPD_MIN_BLOCKS,
-_TARGET_MODEL (and the rest of the target's), plus two JSON objects read here
-(not Settings fields yet): DRAFTLOOP_OPD_TRAIN (overrides of
-`worker.opd.OPDConfig`) and DRAFTLOOP_SFT_BOOTSTRAP (overrides of
-`worker.sft.SFTConfig` for the bootstrap; tests use a tiny one)."""
+_TARGET_MODEL (and the rest of the target's), _OPD_TRAIN (a JSON object of
+`worker.opd.OPDConfig` overrides) and _SFT_BOOTSTRAP (of `worker.sft.SFTConfig`
+overrides for the bootstrap; tests use a tiny one)."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -71,8 +70,6 @@ LOCK_TTL_S = 30.0  # renewed every LOCK_RENEW_S while held, so a killed trainer 
 LOCK_RENEW_S = 5.0
 MAX_BLOCKS = 4096  # per run; the rest waits for the next one
 TRAIN_BUDGET_S = 0.5 * TASK_SOFT_TIME_LIMIT_S  # training stops early past this, leaving time to evaluate and save
-OPD_TRAIN_ENV = "DRAFTLOOP_OPD_TRAIN"
-SFT_BOOTSTRAP_ENV = "DRAFTLOOP_SFT_BOOTSTRAP"
 REPORTS_DIR = "reports"
 
 _target_cache: dict[str, Any] = {}
@@ -82,24 +79,12 @@ _target_cache: dict[str, Any] = {}
 # configuration
 
 
-def _json_env(name: str, cls) -> dict[str, Any]:
-    """A JSON object of `cls` field overrides from the environment ({} if unset)."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return {}
-    obj = json.loads(raw)
-    known = {f.name for f in fields(cls)}
-    if not isinstance(obj, dict) or not set(obj) <= known:
-        raise ValueError(f"{name} must be a JSON object with keys among {sorted(known)}, got {raw!r}")
-    return obj
+def opd_config(settings: Settings) -> OPDConfig:
+    return OPDConfig(**{"max_seconds": TRAIN_BUDGET_S, **settings.opd_train})
 
 
-def opd_config() -> OPDConfig:
-    return OPDConfig(**{"max_seconds": TRAIN_BUDGET_S, **_json_env(OPD_TRAIN_ENV, OPDConfig)})
-
-
-def sft_config() -> SFTConfig:
-    return SFTConfig(**_json_env(SFT_BOOTSTRAP_ENV, SFTConfig))
+def sft_config(settings: Settings) -> SFTConfig:
+    return SFTConfig(**settings.sft_bootstrap)
 
 
 def get_target(settings: Settings):
@@ -259,7 +244,7 @@ def bootstrap(r: redis.Redis, settings: Settings, target, progress=None) -> dict
     from .sft import train_sft
 
     t0, started = time.perf_counter(), _now()
-    cfg = sft_config()
+    cfg = sft_config(settings)
     log.info("no eagle3 drafter for %s yet: running the SFT bootstrap (%s)", target.model_id, asdict(cfg))
     if progress:
         progress("bootstrap", num_prompts=cfg.num_prompts, train_steps=cfg.train_steps)
@@ -314,7 +299,7 @@ def run_update(r: redis.Redis, settings: Settings, target=None, progress=None) -
     contexts = {rid: ctx.tokens for rid, ctx in blocklog.read_contexts(r, stream, (rec.request_id for rec in records)).items()}
     log.info("opd: read %d block records (%d unusable) for v%d", len(records), len(bad), version)
 
-    cfg = opd_config()
+    cfg = opd_config(settings)
     result = run_opd(head, target.model, records, contexts, version, target.model_id, cfg, progress)
     report: dict[str, Any] = {
         "kind": "opd",

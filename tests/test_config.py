@@ -1,0 +1,47 @@
+"""Settings: the trainer overrides DRAFTLOOP_OPD_TRAIN / DRAFTLOOP_SFT_BOOTSTRAP
+are JSON objects checked against the trainers' config fields when read."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
+from worker.opd import OPDConfig
+from worker.sft import SFTConfig
+from worker.tasks import opd_config, sft_config
+
+
+def test_trainer_overrides_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRAFTLOOP_OPD_TRAIN", '{"epochs": 3, "batch_tokens": "512", "mode": "forward_kl_all"}')
+    monkeypatch.setenv("DRAFTLOOP_SFT_BOOTSTRAP", '{"num_prompts": 4, "hidden_layers": [1, 5, 9]}')
+    s = Settings(_env_file=None)
+    assert s.opd_train == {"epochs": 3, "batch_tokens": 512, "mode": "forward_kl_all"}  # coerced to the field types
+    opd = opd_config(s)
+    assert (opd.epochs, opd.batch_tokens, opd.mode, opd.lr) == (3, 512, "forward_kl_all", OPDConfig().lr)
+    assert opd.max_seconds is not None  # the task's own training budget stays unless overridden
+    sft = sft_config(s)
+    assert (sft.num_prompts, sft.hidden_layers, sft.train_steps) == (4, (1, 5, 9), SFTConfig().train_steps)
+
+
+@pytest.mark.parametrize("raw", ["", "  ", "{}"])
+def test_empty_overrides_are_the_defaults(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("DRAFTLOOP_OPD_TRAIN", raw)
+    assert Settings(_env_file=None).opd_train == {}
+    assert sft_config(Settings(_env_file=None)) == SFTConfig()
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "message"),
+    [
+        ("DRAFTLOOP_OPD_TRAIN", '{"epoch": 3}', "DRAFTLOOP_OPD_TRAIN: unknown key 'epoch'"),
+        ("DRAFTLOOP_OPD_TRAIN", '{"mode": "kl"}', "DRAFTLOOP_OPD_TRAIN: bad value for key 'mode'"),
+        ("DRAFTLOOP_SFT_BOOTSTRAP", '{"train_steps": "many"}', "DRAFTLOOP_SFT_BOOTSTRAP: bad value for key 'train_steps'"),
+        ("DRAFTLOOP_SFT_BOOTSTRAP", "[1, 2]", "DRAFTLOOP_SFT_BOOTSTRAP must be a JSON object of SFTConfig fields"),
+        ("DRAFTLOOP_OPD_TRAIN", "{epochs: 3}", "DRAFTLOOP_OPD_TRAIN is not valid JSON"),
+    ],
+)
+def test_bad_overrides_name_the_variable_and_key(monkeypatch: pytest.MonkeyPatch, var: str, raw: str, message: str) -> None:
+    monkeypatch.setenv(var, raw)
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[")):
+        Settings(_env_file=None)
