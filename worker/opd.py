@@ -679,11 +679,18 @@ class TrainResult:
 
 
 def train_opd(
-    head: Eagle3Head, requests: Sequence[RequestBlocks], cfg: OPDConfig, progress: Progress | None = None
+    head: Eagle3Head,
+    requests: Sequence[RequestBlocks],
+    cfg: OPDConfig,
+    progress: Progress | None = None,
+    on_step: Callable[[dict[str, Any]], bool] | None = None,
 ) -> TrainResult:
     """Train `head` in place (float32 weights; `trainable_copy` makes one) on the
     blocks of `requests` (features computed). Adam with a linear warm-up, gradient
-    clipping, `cfg.epochs` shuffled passes."""
+    clipping, `cfg.epochs` shuffled passes. `on_step(record)` (benchmarks) sees
+    each step's history record, whose `tokens` counts the head token-positions
+    processed (non-padding context positions x unrolled steps), and stops
+    training by returning True."""
     t0 = time.perf_counter()
     device = head.fc.weight.device
     fast = bf16_is_fast(device) if cfg.fast_bf16 is None else cfg.fast_bf16
@@ -699,6 +706,7 @@ def train_opd(
         total, weight = 0.0, 0.0
         for bi in torch.randperm(len(batches), generator=gen).tolist():
             if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
+                log.warning("opd training stopped after %.0f s (max_seconds)", time.perf_counter() - t0)
                 stopped = True
                 break
             batch = _collate([requests[i] for i in batches[bi]], device, torch.float32)
@@ -719,17 +727,20 @@ def train_opd(
                     "loss_rej": float(out.loss_rej.detach()),
                     "grad_norm": float(grad_norm),
                     "blocks": n,
+                    "tokens": int(batch.key_valid.sum()) * batch.step_tokens.shape[0],
                 }
             )
             total, weight = total + float(out.loss.detach()) * n, weight + n
             step += 1
+            if on_step is not None and on_step(history[-1]):
+                stopped = True
+                break
         if weight:
             epoch_loss.append(total / weight)
             log.info("opd epoch %d: loss %.4f over %d blocks (%d steps)", epoch, epoch_loss[-1], int(weight), step)
             if progress is not None:
                 progress("training", epoch=epoch + 1, epochs=cfg.epochs, loss=epoch_loss[-1])
         if stopped:
-            log.warning("opd training stopped after %.0f s (max_seconds)", time.perf_counter() - t0)
             break
     head.eval()
     return TrainResult(history, epoch_loss, step, time.perf_counter() - t0, stopped)

@@ -37,7 +37,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,6 +51,8 @@ from service.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head, sav
 from service.llama import LlamaModel
 
 log = logging.getLogger(__name__)
+
+StepHook = Callable[[dict], bool]  # called after each optimizer step with its history record; True stops
 
 STEP_WEIGHT_DECAY = 0.8  # loss weight of draft step j: 0.8^j
 ACC_ROWS = 512  # rows per step on which the progress bar's top-1 agreement is measured
@@ -434,15 +436,32 @@ class SFTResult:
     tau: float | None = None
 
 
+def make_optimizer(head: Eagle3Head, cfg: SFTConfig) -> torch.optim.AdamW:
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
 def train_head(
     head: Eagle3Head,
     data: Trajectories,
     cfg: SFTConfig,
     state_dir: Path | None = None,
+    *,
+    opt: torch.optim.Optimizer | None = None,
+    start_step: int = 0,
+    until_step: int | None = None,
+    on_step: StepHook | None = None,
 ) -> list[dict]:
     """Train `head` (attached to the target) in place on `data` with the TTT loss
     (bf16 autocast where bf16 matmuls are fast; float32 master weights).
-    With state_dir, resumes from and periodically saves the optimizer state."""
+    With state_dir, resumes from and periodically saves the optimizer state.
+
+    To continue a run (benchmarks): pass its `opt` (from `make_optimizer`) and
+    `start_step`; `until_step` ends this call (default cfg.train_steps, the LR
+    schedule's length; later steps run at its final LR); `on_step(record)` is
+    called after every optimizer step and stops training by returning True.
+    Each history record counts `tokens`: non-padding positions x unrolled draft
+    steps, the head token-positions the step processed."""
     device = head.fc.weight.device
     fast = bf16_is_fast(device) if cfg.fast_bf16 is None else cfg.fast_bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
@@ -452,8 +471,8 @@ def train_head(
         frozen.lm_rows = lm_rows.to(torch.bfloat16)
     batches = make_batches(data, cfg.batch_tokens)
     trainable = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    start, history = 0, []
+    opt = opt or make_optimizer(head, cfg)
+    start, history = start_step, []
     if state_dir is not None:
         meta = _load_state(state_dir, head, opt)
         if meta is not None:
@@ -462,7 +481,8 @@ def train_head(
     head.train()
     try:
         last_save = time.monotonic()
-        bar = tqdm(range(start, cfg.train_steps), desc="sft", unit="step", initial=start, total=cfg.train_steps)
+        until = cfg.train_steps if until_step is None else until_step
+        bar = tqdm(range(start, until), desc="sft", unit="step", initial=start, total=until)
         for step in bar:
             epoch, k = divmod(step, len(batches))
             perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
@@ -475,13 +495,16 @@ def train_head(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
             opt.step()
-            history.append({"step": step, "loss": float(loss.detach()), "losses": losses, "acc": accs})
+            tokens = int(batch.valid.sum()) * cfg.ttt_steps
+            history.append({"step": step, "loss": float(loss.detach()), "losses": losses, "acc": accs, "tokens": tokens})
             recent = history[-20:]
             acc_avg = [sum(h["acc"][j] for h in recent if len(h["acc"]) > j) / max(1, sum(len(h["acc"]) > j for h in recent)) for j in range(cfg.ttt_steps)]
             bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}", acc="/".join(f"{a:.2f}" for a in acc_avg))
             if state_dir is not None and time.monotonic() - last_save > cfg.save_every_s:
                 _save_state(state_dir, head, opt, {"step": step + 1, "history": history})
                 last_save = time.monotonic()
+            if on_step is not None and on_step(history[-1]):
+                break
     finally:
         frozen.lm_rows = lm_rows
         head.eval()
