@@ -56,12 +56,26 @@ def commands(settings: Settings) -> dict[str, list[str]]:
     }
 
 
+def thread_envs(settings: Settings, cpus: int | None = None) -> dict[str, dict[str, str]]:
+    """Per-process OpenMP threads on a CPU: the server and the worker each get half
+    the cores. Two torch processes that both take every core (OpenMP's default)
+    slowed each other 10-40x on our 2-core box whenever the worker trained while
+    the server decoded. An explicit OMP_NUM_THREADS in the environment wins."""
+    from .runtime import pick_device
+
+    if "OMP_NUM_THREADS" in os.environ or pick_device(settings.device).type != "cpu":
+        return {}
+    half = str(max(1, (cpus or os.cpu_count() or 2) // 2))
+    return {"server": {"OMP_NUM_THREADS": half}, "worker": {"OMP_NUM_THREADS": half}}
+
+
 def up(settings: Settings) -> int:
     if settings.target_model == DEFAULT_MODEL:
         fetch_default_model(settings.cache_dir, progress=log.info)
     Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
     redis_proc = ensure_redis(settings.redis_url)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    threads = thread_envs(settings)
     procs: dict[str, subprocess.Popen] = {}
     stopping = False
 
@@ -74,7 +88,7 @@ def up(settings: Settings) -> int:
     try:
         for name, cmd in commands(settings).items():
             log.info("starting %s: %s", name, " ".join(cmd))
-            procs[name] = subprocess.Popen(cmd, env=env)
+            procs[name] = subprocess.Popen(cmd, env={**env, **threads.get(name, {})})
         log.info(
             "draftloop is up: http://%s:%d/v1/completions, metrics at /metrics; Ctrl-C stops everything",
             settings.host,
