@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 
@@ -86,36 +87,65 @@ def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
     raise TimeoutError(f"the server was not healthy after {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
-@pytest.fixture(scope="session")
-def live_server(
-    settings: Settings, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
-    """`python -m service.cli serve` on a free port (one per session)."""
-    workdir = tmp_path_factory.mktemp("live_server")
-    port = free_port()
-    env = {
+def server_env(cache_dir: Path, workdir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a test server: this checkout importable, the shared model
+    cache, a checkpoint dir of its own, ngram drafter and no block log unless overridden."""
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-        "DRAFTLOOP_CACHE_DIR": str(settings.cache_dir),
+        "DRAFTLOOP_CACHE_DIR": str(cache_dir),
         "DRAFTLOOP_DRAFTER": "ngram",
         "DRAFTLOOP_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "DRAFTLOOP_BLOCK_LOG": "false",
+        **overrides,
     }
+
+
+def start_server(env: dict[str, str], workdir: Path, timeout_s: float = SERVER_START_TIMEOUT_S) -> LiveServer:
+    """`python -m service.cli serve` on a free port, once healthy (its log in workdir)."""
+    port = free_port()
     log_path = workdir / "server.log"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     server = LiveServer(f"http://127.0.0.1:{port}", proc, log_path)
     try:
-        _wait_healthy(server, SERVER_START_TIMEOUT_S)
+        _wait_healthy(server, timeout_s)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: LiveServer) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+
+
+def metric(http: httpx.Client, name: str, **labels: str) -> float:
+    """One sample of a server's /metrics (`http` has the server's base_url)."""
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def live_server(
+    settings: Settings, default_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    """`python -m service.cli serve` on a free port (one per session)."""
+    workdir = tmp_path_factory.mktemp("live_server")
+    server = start_server(server_env(settings.cache_dir, workdir), workdir)
+    try:
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="session")

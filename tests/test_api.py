@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import metric
 
 PROMPT = "The three primary colors are"
 COUNTING = "1, 2, 3, 4, 5,"
@@ -39,15 +40,6 @@ def tokenizer(default_model_dir):
 
 def greedy(client: openai.OpenAI, prompt, max_tokens: int = 8, **kw):
     return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, **kw)
-
-
-def scalar(http: httpx.Client, name: str, **labels: str) -> float:
-    """One sample of the server's /metrics."""
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    raise KeyError(name)
 
 
 # ---- basics ----------------------------------------------------------------------
@@ -372,8 +364,8 @@ def test_concurrent_requests_are_served_unmixed(client: openai.OpenAI) -> None:
 def test_disconnect_mid_stream_frees_the_slot(
     client: openai.OpenAI, live_server_url: str, http: httpx.Client
 ) -> None:
-    aborted_before = scalar(http, "draftloop_requests_total", finish_reason="abort")
-    tokens_before = scalar(http, "draftloop_generation_tokens_total")
+    aborted_before = metric(http, "draftloop_requests_total", finish_reason="abort")
+    tokens_before = metric(http, "draftloop_generation_tokens_total")
     body = {
         "model": MODEL,
         "prompt": "Tell me a long story.",
@@ -388,14 +380,14 @@ def test_disconnect_mid_stream_frees_the_slot(
         lines = r.iter_lines()
         first = [next(lines) for _ in range(3)]  # a few events in: the sequence is running
         assert first[0].startswith("data: ")
-        assert scalar(http, "draftloop_num_requests_running") == 1
+        assert metric(http, "draftloop_num_requests_running") == 1
     # the connection is closed: the engine must drop the sequence
     deadline = time.monotonic() + 15
-    while scalar(http, "draftloop_num_requests_running") != 0:
+    while metric(http, "draftloop_num_requests_running") != 0:
         assert time.monotonic() < deadline, "the disconnected sequence still holds its slot"
         time.sleep(0.1)
-    assert scalar(http, "draftloop_requests_total", finish_reason="abort") == aborted_before + 1
-    assert scalar(http, "draftloop_generation_tokens_total") - tokens_before < 500
+    assert metric(http, "draftloop_requests_total", finish_reason="abort") == aborted_before + 1
+    assert metric(http, "draftloop_generation_tokens_total") - tokens_before < 500
     assert greedy(client, PROMPT, max_tokens=2).choices[0].text  # still serving
 
 

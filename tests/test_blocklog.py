@@ -4,18 +4,14 @@ redis-server processes for outages)."""
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import msgpack
 import pytest
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from service.blocklog import (
     BlockLogger,
@@ -32,6 +28,10 @@ from service.blocklog import (
 )
 from service.config import get_settings
 from service.metrics import Metrics
+
+from .conftest import free_port
+from .throwaway_redis import AVAILABLE as HAVE_REDIS_SERVER
+from .throwaway_redis import start_redis, stop_redis, wait_until
 
 URL = get_settings().redis_url
 
@@ -64,15 +64,6 @@ def _block(
     )
 
 
-def _wait(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
-
-
 @pytest.fixture
 def r() -> redis.Redis:
     client = redis.Redis.from_url(URL, socket_timeout=2)
@@ -89,55 +80,6 @@ def stream(r: redis.Redis) -> Iterator[str]:
     yield name
     for key in r.scan_iter(f"{name}*"):
         r.delete(key)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_redis(port: int, tmp_path) -> redis.Redis:
-    subprocess.run(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "yes",
-            "--dir",
-            str(tmp_path),
-            "--logfile",
-            str(tmp_path / f"redis-{port}.log"),
-        ],
-        check=True,
-    )
-    client = redis.Redis(
-        port=port, socket_timeout=1, retry=Retry(NoBackoff(), 0)
-    )  # fail fast while it is down
-    assert _wait(lambda: _pings(client), 5.0), "throwaway redis-server did not come up"
-    return client
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def _stop_redis(client: redis.Redis) -> None:
-    try:
-        client.shutdown(nosave=True)
-    except redis.RedisError:
-        pass  # already gone, or the connection closed as it went down
-    assert _wait(lambda: not _pings(client), 5.0)
 
 
 # --- encoding ---------------------------------------------------------------------------
@@ -339,10 +281,10 @@ def test_full_queue_drops_and_hung_redis_times_out() -> None:
         logger.close()
 
 
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+@pytest.mark.skipif(not HAVE_REDIS_SERVER, reason="needs the redis-server binary")
 def test_writer_recovers_when_redis_comes_back(tmp_path) -> None:
-    port = _free_port()
-    server = _start_redis(port, tmp_path)
+    port = free_port()
+    server = start_redis(port, tmp_path)
     stream = "test:blocks:recover"
     logger = BlockLogger(
         f"redis://127.0.0.1:{port}/0",
@@ -356,13 +298,13 @@ def test_writer_recovers_when_redis_comes_back(tmp_path) -> None:
         logger.submit(_block(step=0))
         assert logger.flush(5.0) and logger.written == 1
 
-        _stop_redis(server)
+        stop_redis(server)
         for i in range(10):
             logger.submit(_block(step=1 + i))
         assert logger.flush(5.0)
         assert logger.written == 1 and logger.dropped == 10
 
-        server = _start_redis(port, tmp_path)  # a fresh, empty server on the same port
+        server = start_redis(port, tmp_path)  # a fresh, empty server on the same port
         step = 100
 
         def delivered() -> bool:
@@ -371,10 +313,10 @@ def test_writer_recovers_when_redis_comes_back(tmp_path) -> None:
             step += 1
             return server.xlen(stream) > 0
 
-        assert _wait(delivered, 5.0), "writer did not reconnect by itself"
+        assert wait_until(delivered, 5.0), "writer did not reconnect by itself"
         assert logger.flush(5.0)
         assert logger.written >= 2
         assert logger.written + logger.dropped == step - 100 + 11
     finally:
         logger.close(1.0)
-        _stop_redis(server)
+        stop_redis(server)
