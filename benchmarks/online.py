@@ -1,0 +1,376 @@
+"""The self-improving loop in one process: does Draft-OPD on served traffic
+lift the SFT drafter's acceptance on prompts it never saw?
+
+    python -m benchmarks.online --out results/online.json [--prompts FILE.jsonl] [--quick]
+
+From the newest SFT EAGLE-3 checkpoint (`draftloop train-sft`), each round:
+1. serve `--prompts-per-round` training-split prompts with the current drafter
+   through the real engine (speculative decoding, sampled at `--temperature`,
+   a fixed seed per request), with `worker.opd.BlockCollector` as the block
+   sink: exactly the records the Redis block log keeps in serving;
+2. `worker.opd.opd_update` on that round's blocks, as the worker's
+   `opd_update` task runs it (held-out requests by hash gate the update);
+3. publish (`save_checkpoint`, then load it back as the server would) only when
+   the gate passes, like the worker; otherwise the old version keeps serving;
+4. after each published version, greedy τ and tokens/s on the held-out prompts
+   (or `--prompts`) against target-only decoding, with
+   `benchmarks.speedup.measure` (methods interleaved, median of `--repeats`).
+Version 0 is the SFT drafter, measured first. Each round trains on its own
+blocks only, as the worker acks what it used.
+
+Traffic prompts are the training split after the first N that SFT trained on
+(N from the SFT checkpoint's manifest), so OPD sees prompts SFT did not; the
+held-out split is never trained on by either. Everything is seeded: the same
+checkpoint and settings give the same blocks and τ (tokens/s varies with the
+machine). The OPD settings are the worker's (`OPDConfig`, plus
+DRAFTLOOP_OPD_TRAIN) with a smaller `batch_tokens`, since a round here has
+fewer blocks than a worker run; `--opd '{"epochs": 3}'` overrides them.
+
+Writes the JSON (`versions`: version, blocks_trained, tau,
+speedup_vs_target_only, ...; `rounds`: every update, published or not; the
+goal, τ on held-out prompts >= 1.10 x the SFT drafter's, and whether it is
+met) and a plot of τ per version next to it (`.png`).
+
+Full-run time with the defaults (float32 target, one thread, 2-core CPU): about
+20-25 min; about 2 min per round of serving, 1 min of OPD and 1 min per
+evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks.speedup import EngineMethod, device_name, measure
+from service.config import Settings, trainer_overrides
+from service.drafters import eagle3
+from service.engine import Engine, NoDrafter
+from service.prompts import chat_ids, load_prompts, sharegpt_prompts
+from service.runtime import Target, load_target
+from service.sampling import SamplingParams
+from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update
+
+log = logging.getLogger("benchmarks.online")
+
+GOAL_RATIO = 1.10  # held-out τ of the best published version over the SFT drafter's
+# A round here has a few thousand blocks, a worker run up to 4096: smaller batches
+# give the update enough optimizer steps to move.
+OPD_DEFAULTS: dict[str, Any] = {"batch_tokens": 512, "epochs": 2}
+
+
+@dataclass
+class Version:
+    """A drafter the benchmark served: the SFT one (0) or a published update."""
+
+    number: int
+    path: Path
+    blocks_trained: int  # blocks of all the updates from SFT up to this version
+    round: int | None  # the round that published it
+
+
+# ---------------------------------------------------------------------------
+# drafters and prompts
+
+
+def newest_sft(checkpoint_dir: Path, target: Target) -> tuple[Path, dict[str, Any]]:
+    """The newest eagle3 checkpoint trained by SFT that loads for `target`."""
+    for number, path in reversed(eagle3.list_versions(checkpoint_dir)):
+        try:
+            manifest = eagle3.read_manifest(path)
+            if manifest.get("trainer") == "sft":
+                eagle3.load_head(path, target.model, target.model_id)  # validates it for this target
+                return path, manifest
+        except eagle3.CheckpointError as exc:
+            log.warning("skipping eagle3 v%d: %s", number, exc)
+    raise SystemExit(
+        f"no SFT eagle3 checkpoint for {target.model_id} in {checkpoint_dir}: run `draftloop train-sft` first "
+        "(or pass --checkpoint-dir)"
+    )
+
+
+def sft_prompt_count(manifest: dict[str, Any]) -> int:
+    """How many training-split prompts the SFT run used (from the start of the split)."""
+    return int(((manifest.get("sft") or {}).get("config") or {}).get("num_prompts") or 0)
+
+
+def traffic_prompts(target: Target, skip: int, count: int) -> list[list[int]]:
+    texts = sharegpt_prompts("train", limit=skip + count)[skip:]
+    if len(texts) < count:
+        raise SystemExit(f"the training split has {skip + len(texts)} prompts; {skip} + {count} asked for")
+    return [chat_ids(target.tokenizer, t) for t in texts]
+
+
+def drafter_for(version: Version, target: Target) -> eagle3.Eagle3Drafter:
+    """The version's checkpoint loaded as a server loads it (sha256 and shapes
+    checked), numbered as this benchmark numbers versions."""
+    head, manifest = eagle3.load_head(version.path, target.model, target.model_id)
+    return eagle3.Eagle3Drafter(head, target.model, version=str(version.number), manifest=manifest)
+
+
+# ---------------------------------------------------------------------------
+# one round
+
+
+def serve(
+    target: Target, version: Version, prompts: list[list[int]], k: int, params: SamplingParams, first_seed: int, tag: str
+) -> tuple[BlockCollector, dict[str, Any]]:
+    """Serve `prompts` with the version's drafter (request i seeded first_seed + i),
+    collecting every verify block as the block log would."""
+    collector = BlockCollector(target.model_id)
+    engine = Engine(target.model, drafter_for(version, target), target.eos_token_ids, k, block_sink=collector)
+    t0 = time.perf_counter()
+    tokens = 0
+    for i, ids in enumerate(prompts):
+        request = replace(params, seed=first_seed + i)
+        tokens += len(engine.generate(ids, request, request_id=f"{tag}-{i}"))
+    stats = {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "blocks": len(collector.records),
+        "served_tau": round(engine.stats.tau, 4),
+        "serve_seconds": round(time.perf_counter() - t0, 1),
+    }
+    return collector, stats
+
+
+def update(target: Target, version: Version, blocks: BlockCollector, cfg: OPDConfig) -> UpdateResult:
+    """One Draft-OPD update of the version on the blocks it served (worker.tasks.run_update's core)."""
+    head, _ = eagle3.load_head(version.path, target.model, target.model_id)  # float32, as the worker trains it
+    return opd_update(head, target.model, blocks.records, blocks.contexts, version.number, target.model_id, cfg)
+
+
+def publish(result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int) -> Version:
+    """Write the updated head as the next checkpoint, with the worker's manifest fields."""
+    path = eagle3.save_checkpoint(
+        result.head,
+        save_dir,
+        target.model_id,
+        parent_version=parent.number,
+        trained_on={
+            "blocks": result.train_blocks,
+            "requests": result.train_requests,
+            "heldout_blocks": result.after.blocks,
+            "optimizer_steps": result.train.steps,
+        },
+        eval_tau={"tau_before": result.before.tau, "tau_after": result.after.tau},
+        extra={"trainer": "opd", "opd": {"config": asdict(cfg), "benchmark": "online", "round": round_no}},
+    )
+    return Version(parent.number + 1, path, parent.blocks_trained + result.train_blocks, round_no)
+
+
+def round_row(round_no: int, served: Version, stats: dict[str, Any], result: UpdateResult, new: Version | None, seconds: float) -> dict[str, Any]:
+    losses = [h["loss"] for h in result.train.history]
+    return {
+        "round": round_no,
+        "served_version": served.number,
+        **stats,
+        "train_blocks": result.train_blocks,
+        "heldout_blocks": result.after.blocks,
+        "gate_tau_before": _r(result.before.tau),  # E[τ] on the round's held-out blocks (the publish gate)
+        "gate_tau_after": _r(result.after.tau),
+        "loss_first": _r(losses[0]) if losses else None,
+        "loss_last": _r(losses[-1]) if losses else None,
+        "optimizer_steps": result.train.steps,
+        "published": new is not None,
+        "new_version": new.number if new else None,
+        "update_seconds": round(seconds, 1),
+    }
+
+
+def _r(x: float | None, digits: int = 4) -> float | None:
+    return None if x is None else round(x, digits)
+
+
+# ---------------------------------------------------------------------------
+# evaluation
+
+
+class Evaluator:
+    """Greedy τ and tokens/s of a version on the evaluation prompts, against
+    target-only decoding measured in the same interleaved run."""
+
+    def __init__(self, target: Target, prompts: list[list[int]], k: int, max_new: int, repeats: int):
+        self.target, self.prompts, self.k, self.max_new, self.repeats = target, prompts, k, max_new, repeats
+        self.target_only = EngineMethod("target_only", target, NoDrafter(), 0)
+
+    def __call__(self, version: Version) -> dict[str, Any]:
+        method = EngineMethod(f"v{version.number}", self.target, drafter_for(version, self.target), self.k)
+        base, row = measure([self.target_only, method], self.prompts, self.max_new, self.repeats, log.debug)
+        return {
+            "version": version.number,
+            "blocks_trained": version.blocks_trained,
+            "tau": row["tau"],
+            "speedup_vs_target_only": row["speedup_vs_target_only"],
+            "tokens_per_s": row["tokens_per_s"],
+            "target_only_tokens_per_s": base["tokens_per_s"],
+            "per_position_acceptance": row.get("per_position_acceptance"),
+            "round": version.round,
+            "checkpoint": str(version.path),
+        }
+
+
+def goal(versions: list[dict[str, Any]]) -> dict[str, Any]:
+    """The loop's result is the version it ends on; the goal is on that one."""
+    sft, final = versions[0]["tau"], versions[-1]["tau"]
+    return {
+        "description": f"held-out greedy tau of the final version >= {GOAL_RATIO:.2f} x the SFT drafter's",
+        "sft_tau": sft,
+        "target_tau": round(GOAL_RATIO * sft, 4),
+        "final_tau": final,
+        "best_tau": max(v["tau"] for v in versions),
+        "gain": round(final / sft - 1, 4),
+        "met": final >= GOAL_RATIO * sft,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    vs = result["versions"]
+    x = [v["version"] for v in vs]
+    fig, (ax_tau, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_tau.plot(x, [v["tau"] for v in vs], "o-", label="held-out greedy τ")
+    ax_tau.axhline(result["goal"]["sft_tau"], ls="--", c="gray", label="SFT drafter (v0)")
+    ax_tau.axhline(result["goal"]["target_tau"], ls=":", c="tab:green", label=f"goal: {GOAL_RATIO:.2f} × SFT")
+    for v in vs:
+        ax_tau.annotate(f"{v['blocks_trained']} blocks", (v["version"], v["tau"]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+    ax_tau.set(xlabel="published drafter version", ylabel="acceptance length τ", title="Draft-OPD on served traffic")
+    ax_tau.legend(fontsize=8)
+    ax_speed.plot(x, [v["speedup_vs_target_only"] for v in vs], "o-", c="tab:orange")
+    ax_speed.axhline(1.0, ls="--", c="gray")
+    ax_speed.set(xlabel="published drafter version", ylabel="speedup vs target-only", title=f"{result['model']}, {result['dtype']}, {result['device']}")
+    for ax in (ax_tau, ax_speed):
+        ax.set_xticks(x)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+DEFAULTS = {"rounds": 5, "prompts_per_round": 32, "max_new_tokens": 64, "eval_prompts": 8, "eval_max_new_tokens": 64, "repeats": 1}
+QUICK = {"rounds": 2, "prompts_per_round": 3, "max_new_tokens": 16, "eval_prompts": 2, "eval_max_new_tokens": 12, "repeats": 1}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("results/online.json"), help="the plot goes next to it (.png)")
+    ap.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...} to evaluate on; default: the held-out split')
+    ap.add_argument("--rounds", type=int, help=f"serve + update rounds (default {DEFAULTS['rounds']})")
+    ap.add_argument("--prompts-per-round", type=int, help=f"training-split requests served per round (default {DEFAULTS['prompts_per_round']})")
+    ap.add_argument("--max-new-tokens", type=int, help=f"per served request (default {DEFAULTS['max_new_tokens']})")
+    ap.add_argument("--temperature", type=float, default=1.0, help="of the served traffic (evaluation is greedy)")
+    ap.add_argument("--eval-prompts", type=int, help=f"evaluation prompts (default {DEFAULTS['eval_prompts']})")
+    ap.add_argument("--eval-max-new-tokens", type=int, help=f"per evaluation prompt (default {DEFAULTS['eval_max_new_tokens']})")
+    ap.add_argument("--repeats", type=int, help="timed repetitions per evaluation; tokens/s is their median (default 1)")
+    ap.add_argument("-k", "--num-speculative-tokens", type=int, help="default: DRAFTLOOP_NUM_SPECULATIVE_TOKENS")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="target weights; default: DRAFTLOOP_DTYPE")
+    ap.add_argument("--opd", default="", help='JSON object of OPDConfig overrides, e.g. \'{"epochs": 3}\'')
+    ap.add_argument("--no-gate", action="store_true", help="publish every update, even one the held-out gate refuses (ablation)")
+    ap.add_argument("--seed", type=int, default=0, help="of the served requests")
+    ap.add_argument("--checkpoint-dir", type=Path, help="where the SFT checkpoint is; default: DRAFTLOOP_CHECKPOINT_DIR")
+    ap.add_argument("--save-dir", type=Path, help="where published versions go; default: <checkpoint-dir>/online/<UTC time>")
+    ap.add_argument("--quick", action="store_true", help="a tiny run, for tests: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    args = ap.parse_args(argv)
+    for key, value in (QUICK if args.quick else DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.opd = trainer_overrides("--opd", args.opd, OPDConfig)
+    except ValueError as exc:
+        ap.error(str(exc))
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    t_start = time.perf_counter()
+    settings = Settings(**({"dtype": args.dtype} if args.dtype else {}))
+    target = load_target(settings)
+    k = args.num_speculative_tokens or settings.num_speculative_tokens
+    checkpoint_dir = args.checkpoint_dir or settings.checkpoint_dir
+    sft_path, sft_manifest = newest_sft(checkpoint_dir, target)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    save_dir = args.save_dir or Path(checkpoint_dir) / "online" / stamp
+    cfg = OPDConfig(**{**OPD_DEFAULTS, **settings.opd_train, **args.opd})
+
+    skip = sft_prompt_count(sft_manifest)
+    traffic = traffic_prompts(target, skip, args.rounds * args.prompts_per_round)
+    eval_texts = load_prompts(args.prompts) if args.prompts else list(sharegpt_prompts("heldout", limit=args.eval_prompts))
+    eval_prompts = [chat_ids(target.tokenizer, t) for t in eval_texts[: args.eval_prompts]]
+    evaluate = Evaluator(target, eval_prompts, k, args.eval_max_new_tokens, args.repeats)
+    log.info("SFT drafter %s; traffic: train split [%d:%d] at temperature %g; OPD %s", sft_path, skip, skip + len(traffic), args.temperature, asdict(cfg))
+
+    current = Version(0, sft_path, 0, None)
+    versions = [evaluate(current)]
+    log.info("v0 (SFT): held-out τ %.3f, %.2fx target-only", versions[0]["tau"], versions[0]["speedup_vs_target_only"])
+    traffic_params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens)
+    rounds: list[dict[str, Any]] = []
+    for r in range(1, args.rounds + 1):
+        lo = (r - 1) * args.prompts_per_round
+        blocks, stats = serve(target, current, traffic[lo : lo + args.prompts_per_round], k, traffic_params, args.seed + lo, f"round{r}")
+        t0 = time.perf_counter()
+        result = update(target, current, blocks, cfg)
+        ok = result.train_blocks > 0 and (result.improved or args.no_gate)
+        new = publish(result, current, save_dir, target, cfg, r) if ok else None
+        rounds.append(round_row(r, current, stats, result, new, time.perf_counter() - t0))
+        log.info(
+            "round %d/%d: v%d served %d requests, %d blocks, τ %.3f (T=%g) | OPD: gate E[τ] %s -> %s, %d steps -> %s",
+            r, args.rounds, current.number, stats["requests"], stats["blocks"], stats["served_tau"], args.temperature,
+            rounds[-1]["gate_tau_before"], rounds[-1]["gate_tau_after"], result.train.steps,
+            f"published v{new.number}" if new else "not published",
+        )
+        if new is not None:
+            current = new
+            versions.append(evaluate(current))
+            v = versions[-1]
+            log.info("v%d: held-out τ %.3f (%+.1f%% vs SFT), %.2fx target-only", v["version"], v["tau"], 100 * (v["tau"] / versions[0]["tau"] - 1), v["speedup_vs_target_only"])
+
+    out = {
+        "model": target.name,
+        "device": device_name(target.model.device),
+        "dtype": str(target.model.dtype).removeprefix("torch."),
+        "num_speculative_tokens": k,
+        "config": {
+            "rounds": args.rounds,
+            "prompts_per_round": args.prompts_per_round,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "traffic_prompts": f"sharegpt train[{skip}:{skip + len(traffic)}]",
+            "eval_prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(eval_prompts)}]",
+            "num_eval_prompts": len(eval_prompts),
+            "eval_max_new_tokens": args.eval_max_new_tokens,
+            "repeats": args.repeats,
+            "gate": not args.no_gate,
+            "opd": asdict(cfg),
+        },
+        "sft": {"checkpoint": str(sft_path), "version": sft_manifest.get("version"), "trained_on": sft_manifest.get("trained_on"), "tau": versions[0]["tau"]},
+        "sft_tau": versions[0]["tau"],
+        "versions": versions,
+        "rounds": rounds,
+        "goal": goal(versions),
+        "save_dir": str(save_dir),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, args.out.with_suffix(".png"))
+    g = out["goal"]
+    log.info("final v%d: τ %.3f vs SFT %.3f (%+.1f%%), goal %s; wrote %s and %s", versions[-1]["version"], g["final_tau"], g["sft_tau"], 100 * g["gain"], "met" if g["met"] else "not met", args.out, args.out.with_suffix(".png"))
+    return out
+
+
+if __name__ == "__main__":
+    main()
