@@ -31,9 +31,11 @@ speedup_vs_target_only, ...; `rounds`: every update, published or not; the
 goal, τ on held-out prompts >= 1.10 x the SFT drafter's, and whether it is
 met) and a plot of τ per version next to it (`.png`).
 
-Full-run time with the defaults (float32 target, one thread, 2-core CPU): about
-20-25 min; about 2 min per round of serving, 1 min of OPD and 1 min per
-evaluation."""
+Full-run time with the defaults (float32 target, OMP_NUM_THREADS=1, the shared
+2-core dev CPU): about 25 min -- per round ~2.5 min serving 24 x 64 tokens, ~0.5
+min of OPD, ~1.5 min evaluating a published version (8 x 64 tokens, drafted and
+target-only); less when updates are not published. `--dtype bfloat16` decodes
+about 1.45x faster on an AMX CPU. `--quick` takes about 40 s."""
 
 from __future__ import annotations
 
@@ -57,10 +59,12 @@ from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update
 
 log = logging.getLogger("benchmarks.online")
 
-GOAL_RATIO = 1.10  # held-out τ of the best published version over the SFT drafter's
-# A round here has a few thousand blocks, a worker run up to 4096: smaller batches
-# give the update enough optimizer steps to move.
-OPD_DEFAULTS: dict[str, Any] = {"batch_tokens": 512, "epochs": 2}
+GOAL_RATIO = 1.10  # held-out τ of the final version over the SFT drafter's
+# A round here has ~1000 blocks, a worker run up to 4096: smaller batches and more
+# epochs give the update enough optimizer steps to move (the update is ~10% of a
+# round's time; measured on one round's blocks, 4 epochs at the worker's lr beat
+# 2 epochs, and lr 1e-3).
+OPD_DEFAULTS: dict[str, Any] = {"batch_tokens": 512, "epochs": 4}
 
 
 @dataclass
@@ -88,8 +92,8 @@ def newest_sft(checkpoint_dir: Path, target: Target) -> tuple[Path, dict[str, An
         except eagle3.CheckpointError as exc:
             log.warning("skipping eagle3 v%d: %s", number, exc)
     raise SystemExit(
-        f"no SFT eagle3 checkpoint for {target.model_id} in {checkpoint_dir}: run `draftloop train-sft` first "
-        "(or pass --checkpoint-dir)"
+        f"no SFT eagle3 checkpoint for {target.model_id} in {checkpoint_dir}: "
+        "run `draftloop train-sft` first (or pass --checkpoint-dir)"
     )
 
 
@@ -117,7 +121,8 @@ def drafter_for(version: Version, target: Target) -> eagle3.Eagle3Drafter:
 
 
 def serve(
-    target: Target, version: Version, prompts: list[list[int]], k: int, params: SamplingParams, first_seed: int, tag: str
+    target: Target, version: Version, prompts: list[list[int]], k: int, params: SamplingParams, first_seed: int,
+    tag: str,
 ) -> tuple[BlockCollector, dict[str, Any]]:
     """Serve `prompts` with the version's drafter (request i seeded first_seed + i),
     collecting every verify block as the block log would."""
@@ -139,12 +144,16 @@ def serve(
 
 
 def update(target: Target, version: Version, blocks: BlockCollector, cfg: OPDConfig) -> UpdateResult:
-    """One Draft-OPD update of the version on the blocks it served (worker.tasks.run_update's core)."""
+    """One Draft-OPD update of the version on the blocks it served (the core of
+    worker.tasks.run_update)."""
     head, _ = eagle3.load_head(version.path, target.model, target.model_id)  # float32, as the worker trains it
-    return opd_update(head, target.model, blocks.records, blocks.contexts, version.number, target.model_id, cfg)
+    model, model_id = target.model, target.model_id
+    return opd_update(head, model, blocks.records, blocks.contexts, version.number, model_id, cfg)
 
 
-def publish(result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int) -> Version:
+def publish(
+    result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int
+) -> Version:
     """Write the updated head as the next checkpoint, with the worker's manifest fields."""
     path = eagle3.save_checkpoint(
         result.head,
@@ -163,7 +172,10 @@ def publish(result: UpdateResult, parent: Version, save_dir: Path, target: Targe
     return Version(parent.number + 1, path, parent.blocks_trained + result.train_blocks, round_no)
 
 
-def round_row(round_no: int, served: Version, stats: dict[str, Any], result: UpdateResult, new: Version | None, seconds: float) -> dict[str, Any]:
+def round_row(
+    round_no: int, served: Version, stats: dict[str, Any], result: UpdateResult, new: Version | None,
+    seconds: float,
+) -> dict[str, Any]:
     losses = [h["loss"] for h in result.train.history]
     return {
         "round": round_no,
@@ -241,12 +253,16 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax_tau.axhline(result["goal"]["sft_tau"], ls="--", c="gray", label="SFT drafter (v0)")
     ax_tau.axhline(result["goal"]["target_tau"], ls=":", c="tab:green", label=f"goal: {GOAL_RATIO:.2f} × SFT")
     for v in vs:
-        ax_tau.annotate(f"{v['blocks_trained']} blocks", (v["version"], v["tau"]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7)
+        ax_tau.annotate(
+            f"{v['blocks_trained']} blocks", (v["version"], v["tau"]),
+            textcoords="offset points", xytext=(0, 7), ha="center", fontsize=7,
+        )
     ax_tau.set(xlabel="published drafter version", ylabel="acceptance length τ", title="Draft-OPD on served traffic")
     ax_tau.legend(fontsize=8)
     ax_speed.plot(x, [v["speedup_vs_target_only"] for v in vs], "o-", c="tab:orange")
     ax_speed.axhline(1.0, ls="--", c="gray")
-    ax_speed.set(xlabel="published drafter version", ylabel="speedup vs target-only", title=f"{result['model']}, {result['dtype']}, {result['device']}")
+    title = f"{result['model']}, {result['dtype']}, {result['device']}"
+    ax_speed.set(xlabel="published drafter version", ylabel="speedup vs target-only", title=title)
     for ax in (ax_tau, ax_speed):
         ax.set_xticks(x)
     fig.tight_layout()
@@ -255,32 +271,142 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
+# the loop
+
+
+DEFAULTS = dict(rounds=5, prompts_per_round=24, max_new_tokens=64, eval_prompts=8, eval_max_new_tokens=64, repeats=1)
+QUICK = dict(rounds=2, prompts_per_round=3, max_new_tokens=16, eval_prompts=2, eval_max_new_tokens=12, repeats=1)
+
+
+@dataclass
+class Setup:
+    target: Target
+    k: int
+    sft_path: Path
+    sft_manifest: dict[str, Any]
+    save_dir: Path
+    cfg: OPDConfig
+    skip: int  # training-split prompts SFT used; traffic starts after them
+    traffic: list[list[int]]
+    eval_prompts: list[list[int]]
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    settings = Settings(**({"dtype": args.dtype} if args.dtype else {}))
+    target = load_target(settings)
+    checkpoint_dir = Path(args.checkpoint_dir or settings.checkpoint_dir)
+    sft_path, manifest = newest_sft(checkpoint_dir, target)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    skip = sft_prompt_count(manifest)
+    texts = load_prompts(args.prompts) if args.prompts else sharegpt_prompts("heldout", limit=args.eval_prompts)
+    return Setup(
+        target=target,
+        k=args.num_speculative_tokens or settings.num_speculative_tokens,
+        sft_path=sft_path,
+        sft_manifest=manifest,
+        save_dir=args.save_dir or checkpoint_dir / "online" / stamp,
+        cfg=OPDConfig(**{**OPD_DEFAULTS, **settings.opd_train, **args.opd}),
+        skip=skip,
+        traffic=traffic_prompts(target, skip, args.rounds * args.prompts_per_round),
+        eval_prompts=[chat_ids(target.tokenizer, t) for t in list(texts)[: args.eval_prompts]],
+    )
+
+
+def run_rounds(args: argparse.Namespace, st: Setup) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """v0 measured, then serve -> update -> (publish -> measure) per round
+    -> (versions, rounds)."""
+    evaluate = Evaluator(st.target, st.eval_prompts, st.k, args.eval_max_new_tokens, args.repeats)
+    current = Version(0, st.sft_path, 0, None)
+    versions = [evaluate(current)]
+    sft_tau = versions[0]["tau"]
+    log.info("v0 (SFT): held-out τ %.3f, %.2fx target-only", sft_tau, versions[0]["speedup_vs_target_only"])
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens)
+    rounds: list[dict[str, Any]] = []
+    n = args.prompts_per_round
+    for r in range(1, args.rounds + 1):
+        lo = (r - 1) * n
+        prompts = st.traffic[lo : lo + n]
+        blocks, stats = serve(st.target, current, prompts, st.k, params, args.seed + lo, f"round{r}")
+        t0 = time.perf_counter()
+        result = update(st.target, current, blocks, st.cfg)
+        ok = result.train_blocks > 0 and (result.improved or args.no_gate)
+        new = publish(result, current, st.save_dir, st.target, st.cfg, r) if ok else None
+        rounds.append(round_row(r, current, stats, result, new, time.perf_counter() - t0))
+        log.info(
+            "round %d/%d: v%d served %d requests, %d blocks, τ %.3f (T=%g) | OPD %d steps: gate %s -> %s, %s",
+            r, args.rounds, current.number, stats["requests"], stats["blocks"], stats["served_tau"],
+            args.temperature,
+            result.train.steps, rounds[-1]["gate_tau_before"], rounds[-1]["gate_tau_after"],
+            f"published v{new.number}" if new else "not published",
+        )
+        if new is not None:
+            current = new
+            v = evaluate(current)
+            versions.append(v)
+            log.info(
+                "v%d: held-out τ %.3f (%+.1f%% vs SFT), %.2fx target-only",
+                v["version"], v["tau"], 100 * (v["tau"] / sft_tau - 1), v["speedup_vs_target_only"],
+            )
+    return versions, rounds
+
+
+def report(
+    args: argparse.Namespace, st: Setup, versions: list[dict], rounds: list[dict], seconds: float
+) -> dict[str, Any]:
+    m = st.sft_manifest
+    return {
+        "model": st.target.name,
+        "device": device_name(st.target.model.device),
+        "dtype": str(st.target.model.dtype).removeprefix("torch."),
+        "num_speculative_tokens": st.k,
+        "config": {
+            "rounds": args.rounds,
+            "prompts_per_round": args.prompts_per_round,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "seed": args.seed,
+            "traffic_prompts": f"sharegpt train[{st.skip}:{st.skip + len(st.traffic)}]",
+            "eval_prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(st.eval_prompts)}]",
+            "num_eval_prompts": len(st.eval_prompts),
+            "eval_max_new_tokens": args.eval_max_new_tokens,
+            "repeats": args.repeats,
+            "gate": not args.no_gate,
+            "opd": asdict(st.cfg),
+        },
+        "sft": {"checkpoint": str(st.sft_path), "version": m.get("version"), "trained_on": m.get("trained_on")},
+        "sft_tau": versions[0]["tau"],
+        "versions": versions,
+        "rounds": rounds,
+        "goal": goal(versions),
+        "save_dir": str(st.save_dir),
+        "seconds": round(seconds, 1),
+    }
+
+
+# ---------------------------------------------------------------------------
 # CLI
-
-
-DEFAULTS = {"rounds": 5, "prompts_per_round": 32, "max_new_tokens": 64, "eval_prompts": 8, "eval_max_new_tokens": 64, "repeats": 1}
-QUICK = {"rounds": 2, "prompts_per_round": 3, "max_new_tokens": 16, "eval_prompts": 2, "eval_max_new_tokens": 12, "repeats": 1}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results/online.json"), help="the plot goes next to it (.png)")
-    ap.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...} to evaluate on; default: the held-out split')
-    ap.add_argument("--rounds", type=int, help=f"serve + update rounds (default {DEFAULTS['rounds']})")
-    ap.add_argument("--prompts-per-round", type=int, help=f"training-split requests served per round (default {DEFAULTS['prompts_per_round']})")
-    ap.add_argument("--max-new-tokens", type=int, help=f"per served request (default {DEFAULTS['max_new_tokens']})")
-    ap.add_argument("--temperature", type=float, default=1.0, help="of the served traffic (evaluation is greedy)")
-    ap.add_argument("--eval-prompts", type=int, help=f"evaluation prompts (default {DEFAULTS['eval_prompts']})")
-    ap.add_argument("--eval-max-new-tokens", type=int, help=f"per evaluation prompt (default {DEFAULTS['eval_max_new_tokens']})")
-    ap.add_argument("--repeats", type=int, help="timed repetitions per evaluation; tokens/s is their median (default 1)")
-    ap.add_argument("-k", "--num-speculative-tokens", type=int, help="default: DRAFTLOOP_NUM_SPECULATIVE_TOKENS")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="target weights; default: DRAFTLOOP_DTYPE")
-    ap.add_argument("--opd", default="", help='JSON object of OPDConfig overrides, e.g. \'{"epochs": 3}\'')
-    ap.add_argument("--no-gate", action="store_true", help="publish every update, even one the held-out gate refuses (ablation)")
-    ap.add_argument("--seed", type=int, default=0, help="of the served requests")
-    ap.add_argument("--checkpoint-dir", type=Path, help="where the SFT checkpoint is; default: DRAFTLOOP_CHECKPOINT_DIR")
-    ap.add_argument("--save-dir", type=Path, help="where published versions go; default: <checkpoint-dir>/online/<UTC time>")
-    ap.add_argument("--quick", action="store_true", help="a tiny run, for tests: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    add = ap.add_argument
+    add("--out", type=Path, default=Path("results/online.json"), help="the plot goes next to it (.png)")
+    add("--prompts", type=Path, help='JSONL of {"prompt": ...} to evaluate on; default: the held-out split')
+    add("--rounds", type=int, help=f"serve + update rounds (default {DEFAULTS['rounds']})")
+    add("--prompts-per-round", type=int, help=f"requests served per round (default {DEFAULTS['prompts_per_round']})")
+    add("--max-new-tokens", type=int, help=f"per served request (default {DEFAULTS['max_new_tokens']})")
+    add("--temperature", type=float, default=1.0, help="of the served traffic (evaluation is greedy)")
+    add("--eval-prompts", type=int, help=f"evaluation prompts (default {DEFAULTS['eval_prompts']})")
+    add("--eval-max-new-tokens", type=int, help=f"per evaluation prompt (default {DEFAULTS['eval_max_new_tokens']})")
+    add("--repeats", type=int, help="timed repetitions per evaluation; tokens/s is their median (default 1)")
+    add("-k", "--num-speculative-tokens", type=int, help="default: DRAFTLOOP_NUM_SPECULATIVE_TOKENS")
+    add("--dtype", choices=["float32", "bfloat16"], help="target weights; default: DRAFTLOOP_DTYPE")
+    add("--opd", default="", help='JSON object of OPDConfig overrides, e.g. \'{"epochs": 3}\'')
+    add("--no-gate", action="store_true", help="publish every update, even one the gate refuses (ablation)")
+    add("--seed", type=int, default=0, help="of the served requests")
+    add("--checkpoint-dir", type=Path, help="where the SFT checkpoint is; default: DRAFTLOOP_CHECKPOINT_DIR")
+    add("--save-dir", type=Path, help="where published versions go; default: <checkpoint-dir>/online/<UTC time>")
+    add("--quick", action="store_true", help="tiny, for tests: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     args = ap.parse_args(argv)
     for key, value in (QUICK if args.quick else DEFAULTS).items():
         if getattr(args, key) is None:
@@ -295,80 +421,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    t_start = time.perf_counter()
-    settings = Settings(**({"dtype": args.dtype} if args.dtype else {}))
-    target = load_target(settings)
-    k = args.num_speculative_tokens or settings.num_speculative_tokens
-    checkpoint_dir = args.checkpoint_dir or settings.checkpoint_dir
-    sft_path, sft_manifest = newest_sft(checkpoint_dir, target)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    save_dir = args.save_dir or Path(checkpoint_dir) / "online" / stamp
-    cfg = OPDConfig(**{**OPD_DEFAULTS, **settings.opd_train, **args.opd})
-
-    skip = sft_prompt_count(sft_manifest)
-    traffic = traffic_prompts(target, skip, args.rounds * args.prompts_per_round)
-    eval_texts = load_prompts(args.prompts) if args.prompts else list(sharegpt_prompts("heldout", limit=args.eval_prompts))
-    eval_prompts = [chat_ids(target.tokenizer, t) for t in eval_texts[: args.eval_prompts]]
-    evaluate = Evaluator(target, eval_prompts, k, args.eval_max_new_tokens, args.repeats)
-    log.info("SFT drafter %s; traffic: train split [%d:%d] at temperature %g; OPD %s", sft_path, skip, skip + len(traffic), args.temperature, asdict(cfg))
-
-    current = Version(0, sft_path, 0, None)
-    versions = [evaluate(current)]
-    log.info("v0 (SFT): held-out τ %.3f, %.2fx target-only", versions[0]["tau"], versions[0]["speedup_vs_target_only"])
-    traffic_params = SamplingParams(temperature=args.temperature, max_tokens=args.max_new_tokens)
-    rounds: list[dict[str, Any]] = []
-    for r in range(1, args.rounds + 1):
-        lo = (r - 1) * args.prompts_per_round
-        blocks, stats = serve(target, current, traffic[lo : lo + args.prompts_per_round], k, traffic_params, args.seed + lo, f"round{r}")
-        t0 = time.perf_counter()
-        result = update(target, current, blocks, cfg)
-        ok = result.train_blocks > 0 and (result.improved or args.no_gate)
-        new = publish(result, current, save_dir, target, cfg, r) if ok else None
-        rounds.append(round_row(r, current, stats, result, new, time.perf_counter() - t0))
-        log.info(
-            "round %d/%d: v%d served %d requests, %d blocks, τ %.3f (T=%g) | OPD: gate E[τ] %s -> %s, %d steps -> %s",
-            r, args.rounds, current.number, stats["requests"], stats["blocks"], stats["served_tau"], args.temperature,
-            rounds[-1]["gate_tau_before"], rounds[-1]["gate_tau_after"], result.train.steps,
-            f"published v{new.number}" if new else "not published",
-        )
-        if new is not None:
-            current = new
-            versions.append(evaluate(current))
-            v = versions[-1]
-            log.info("v%d: held-out τ %.3f (%+.1f%% vs SFT), %.2fx target-only", v["version"], v["tau"], 100 * (v["tau"] / versions[0]["tau"] - 1), v["speedup_vs_target_only"])
-
-    out = {
-        "model": target.name,
-        "device": device_name(target.model.device),
-        "dtype": str(target.model.dtype).removeprefix("torch."),
-        "num_speculative_tokens": k,
-        "config": {
-            "rounds": args.rounds,
-            "prompts_per_round": args.prompts_per_round,
-            "max_new_tokens": args.max_new_tokens,
-            "temperature": args.temperature,
-            "seed": args.seed,
-            "traffic_prompts": f"sharegpt train[{skip}:{skip + len(traffic)}]",
-            "eval_prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(eval_prompts)}]",
-            "num_eval_prompts": len(eval_prompts),
-            "eval_max_new_tokens": args.eval_max_new_tokens,
-            "repeats": args.repeats,
-            "gate": not args.no_gate,
-            "opd": asdict(cfg),
-        },
-        "sft": {"checkpoint": str(sft_path), "version": sft_manifest.get("version"), "trained_on": sft_manifest.get("trained_on"), "tau": versions[0]["tau"]},
-        "sft_tau": versions[0]["tau"],
-        "versions": versions,
-        "rounds": rounds,
-        "goal": goal(versions),
-        "save_dir": str(save_dir),
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
+    t0 = time.perf_counter()
+    st = prepare(args)
+    log.info(
+        "SFT drafter %s; traffic: train split [%d:%d] at temperature %g; OPD %s",
+        st.sft_path, st.skip, st.skip + len(st.traffic), args.temperature, asdict(st.cfg),
+    )
+    versions, rounds = run_rounds(args, st)
+    out = report(args, st, versions, rounds, time.perf_counter() - t0)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     plot(out, args.out.with_suffix(".png"))
     g = out["goal"]
-    log.info("final v%d: τ %.3f vs SFT %.3f (%+.1f%%), goal %s; wrote %s and %s", versions[-1]["version"], g["final_tau"], g["sft_tau"], 100 * g["gain"], "met" if g["met"] else "not met", args.out, args.out.with_suffix(".png"))
+    log.info(
+        "final v%d: τ %.3f vs SFT %.3f (%+.1f%%): goal %s; wrote %s and its .png",
+        versions[-1]["version"], g["final_tau"], g["sft_tau"], 100 * g["gain"], "met" if g["met"] else "not met",
+        args.out,
+    )
     return out
 
 

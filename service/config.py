@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     @field_validator("opd_train", "sft_bootstrap", mode="before")
     @classmethod
     def _trainer_overrides(cls, value: Any, info: ValidationInfo) -> dict[str, Any]:
-        return trainer_overrides(f"DRAFTLOOP_{info.field_name.upper()}", value, _TRAINER_CONFIGS[info.field_name]())
+        name = info.field_name
+        return trainer_overrides(f"DRAFTLOOP_{name.upper()}", value, _TRAINER_CONFIGS[name]())
 
 
 def _opd_config() -> type:
