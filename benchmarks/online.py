@@ -22,9 +22,10 @@ Traffic prompts are the training split after the first N that SFT trained on
 (N from the SFT checkpoint's manifest), so OPD sees prompts SFT did not; the
 held-out split is never trained on by either. Everything is seeded: the same
 checkpoint and settings give the same blocks and τ (tokens/s varies with the
-machine). The OPD settings are the worker's (`OPDConfig`, plus
-DRAFTLOOP_OPD_TRAIN) with a smaller `batch_tokens`, since a round here has
-fewer blocks than a worker run; `--opd '{"epochs": 3}'` overrides them.
+machine). OPD settings: `OPDConfig` with `OPD_DEFAULTS` (smaller batches, more
+epochs: a round has fewer blocks than a worker run), then DRAFTLOOP_OPD_TRAIN,
+then `--opd '{"epochs": 3}'`. Published versions go to `--save-dir` (default
+`<checkpoint-dir>/online/<UTC time>/eagle3/v{N}`), never where servers look.
 
 Writes the JSON (`versions`: version, blocks_trained, tau,
 speedup_vs_target_only, ...; `rounds`: every update, published or not; the
