@@ -19,13 +19,34 @@ def test_quick_run_writes_the_report(settings, default_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
 
-    assert {"sft_curve", "arms", "budget_tokens", "model", "device", "config", "timings_s", "goal"} <= r.keys()
-    assert r["sft_curve"] and all({"epoch", "budget_tokens", "tau", "per_position_acceptance"} <= p.keys() for p in r["sft_curve"])
+    assert {
+        "sft_curve",
+        "arms",
+        "budget_tokens",
+        "model",
+        "device",
+        "config",
+        "timings_s",
+        "goal",
+    } <= r.keys()
+    assert r["sft_curve"] and all(
+        {"epoch", "budget_tokens", "tau", "per_position_acceptance"} <= p.keys() for p in r["sft_curve"]
+    )
     names = {"sft_continued", "opd", "forward_kl_all", "reverse_kl_all", "no_decay", "random_anchors"}
     k = r["config"]["plan"]["k"]
     for arm in r["arms"]:
-        assert {"name", "temperature", "tau", "speedup_vs_target_only", "per_position_acceptance"} <= arm.keys()
-        assert arm["tau"] >= 1.0 and arm["speedup_vs_target_only"] > 0 and len(arm["per_position_acceptance"]) == k
+        assert {
+            "name",
+            "temperature",
+            "tau",
+            "speedup_vs_target_only",
+            "per_position_acceptance",
+        } <= arm.keys()
+        assert (
+            arm["tau"] >= 1.0
+            and arm["speedup_vs_target_only"] > 0
+            and len(arm["per_position_acceptance"]) == k
+        )
     assert {(a["name"], a["temperature"]) for a in r["arms"]} == {(n, t) for n in names for t in (0.0, 1.0)}
     assert len(r["arms"]) == 2 * len(names)
 
@@ -38,6 +59,10 @@ def test_quick_run_writes_the_report(settings, default_model_dir, tmp_path):
     assert all(a["trained_tokens"] == r["training"][a["name"]]["trained_tokens"] for a in r["arms"])
 
     goal = r["goal"]
-    assert isinstance(goal["met"], bool) and goal["statement"] and set(goal["opd_above_ablation"]) == names - {"sft_continued", "opd"}
+    assert (
+        isinstance(goal["met"], bool)
+        and goal["statement"]
+        and set(goal["opd_above_ablation"]) == names - {"sft_continued", "opd"}
+    )
     png = out.with_suffix(".png")
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
