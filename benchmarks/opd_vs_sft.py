@@ -65,7 +65,7 @@ import torch
 
 from benchmarks.speedup import EngineMethod, device_name, measure, strip_eos
 from service.config import Settings
-from service.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head
+from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3Drafter, Eagle3Head
 from service.engine import Engine, NoDrafter, StepTiming
 from service.metrics import SpecDecodeStats
 from service.prompts import chat_ids, load_prompts, sharegpt_prompts
@@ -116,6 +116,8 @@ class Plan:
     batch_tokens: int = 2048  # padded tokens per optimizer step, SFT and OPD alike
     rollout_prompts: int = 48  # training-split prompts after the SFT ones
     rollout_max_tokens: int = 128
+    # the rollout drafter's early stop (the serving default; 0: always K drafts, more rejected-stream rows)
+    rollout_min_confidence: float = DEFAULT_MIN_CONFIDENCE
     budget_epochs: float = 0.5  # extra training budget per arm, in SFT epochs' head token-positions
     eval_prompts: int = 12  # held-out prompts (τ curve and measurement)
     eval_max_tokens: int = 64
@@ -172,12 +174,14 @@ class Clock:
 # heads, drafters, τ
 
 
-def serving_drafter(head: Eagle3Head, target: Target, version: str) -> Eagle3Drafter:
+def serving_drafter(
+    head: Eagle3Head, target: Target, version: str, min_confidence: float = DEFAULT_MIN_CONFIDENCE
+) -> Eagle3Drafter:
     """A drafter on a copy of `head`: serving casts and re-attaches the head it
     gets, which must not touch one still being trained."""
     copy = Eagle3Head(head.cfg)
     copy.load_state_dict(head.state_dict())
-    return Eagle3Drafter(copy, target.model, version=version)
+    return Eagle3Drafter(copy, target.model, version=version, min_confidence=min_confidence)
 
 
 Evaluate = Callable[[Eagle3Head], tuple[float, list[float]]]
@@ -373,13 +377,16 @@ def sft_to_plateau(
 def continue_sft(run: SFTRun, hook: BudgetHook) -> dict[str, Any]:
     """More of the same SFT run: its optimizer, its LR schedule (its final LR past the end)."""
     t0 = time.perf_counter()
+    lengths = run.data.offsets.diff()
+    cheapest = min(int(lengths[b].sum()) for b in sft.make_batches(run.data, run.cfg.batch_tokens))
+    most_steps = math.ceil(hook.budget / (cheapest * run.cfg.ttt_steps))  # the hook stops it before
     sft.train_head(
         run.head,
         run.data,
         run.cfg,
         opt=run.opt,
         start_step=run.next_step,
-        until_step=run.next_step + 10**9,
+        until_step=run.next_step + most_steps,
         on_step=hook,
     )
     return hook.summary(time.perf_counter() - t0)
@@ -395,9 +402,8 @@ def collect_rollouts(
     """On-policy blocks: the SFT drafter (version "1") serves the prompts through
     the real engine at temperature 1, every verify step logged."""
     collector = BlockCollector(target.model_id)
-    engine = Engine(
-        target.model, serving_drafter(head, target, "1"), target.eos_token_ids, plan.k, block_sink=collector
-    )
+    drafter = serving_drafter(head, target, "1", plan.rollout_min_confidence)
+    engine = Engine(target.model, drafter, target.eos_token_ids, plan.k, block_sink=collector)
     tokens = 0
     for i, ids in enumerate(prompts):
         params = SamplingParams(temperature=1.0, seed=plan.seed + i, max_tokens=plan.rollout_max_tokens)
