@@ -37,16 +37,16 @@ Goal (reported, not tuned for): at temperature 0, Draft-OPD τ >= 1.10 x
 continued-SFT τ, and the full objective above every ablation.
 
 Full-run time (defaults, bfloat16 target, one thread on the shared 2-core dev
-CPU), estimated from measured rates: SFT ~2.5 s per step of 2048 tokens, 48
-steps an epoch, up to 6 epochs (<= 12 min) plus a 25 s τ evaluation per epoch;
-rollouts ~4 min; a Draft-OPD step processes ~750 head token-positions/s (the
-per-row KLs over the draft vocab make it ~3x an SFT step per position), so the
-135k-position budget is ~3 min per OPD arm (~15 min for five), 1 min for
-continued SFT; the measurement (16 passes of 12 prompts x 64 tokens) ~7 min.
-About 45 min in all when the SFT trajectories are cached (`draftloop
-train-sft` with its defaults caches the same ones), 4-5 min more when not; the
-JSON records each phase's time. `--quick` runs every phase on a tiny scale in
-about 1-2 minutes (tests/test_opd_vs_sft.py)."""
+CPU), from rates measured on it: SFT 1.8-2.5 s per step (48 steps an epoch)
+plus a ~25 s τ evaluation, <= 13 min for 6 epochs; rollouts ~30 tokens/s, ~3
+min; Draft-OPD 750-1400 head token-positions/s (the lower rate measured with
+all blocks K = 4 long, the higher one with mostly K = 1), so ~2-3.5 min per
+OPD arm with its mid-budget τ evaluation, 1.5 min for continued SFT; the
+measurement (16 passes of 12 prompts x 64 tokens) ~7 min. About 35-40 min in
+all when the SFT trajectories are cached (`draftloop train-sft` with its
+defaults caches the same ones), 4-5 min more when not; the JSON records each
+phase's time. `--quick` runs every phase on a tiny scale in about 1-2 minutes
+(tests/test_opd_vs_sft.py)."""
 
 from __future__ import annotations
 
