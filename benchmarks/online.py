@@ -53,7 +53,7 @@ from benchmarks.speedup import EngineMethod, device_name, measure
 from service.config import Settings, trainer_overrides
 from service.drafters import eagle3
 from service.engine import Engine, NoDrafter
-from service.prompts import chat_ids, load_prompts, sharegpt_prompts
+from service.prompts import chat_ids, load_prompts, sharegpt_exchanges, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
 from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update
@@ -99,8 +99,18 @@ def newest_sft(checkpoint_dir: Path, target: Target) -> tuple[Path, dict[str, An
 
 
 def sft_prompt_count(manifest: dict[str, Any]) -> int:
-    """How many training-split prompts the SFT run used (from the start of the split)."""
-    return int(((manifest.get("sft") or {}).get("config") or {}).get("num_prompts") or 0)
+    """How many leading training-split prompts the SFT run used: its trajectory
+    prompts, and the prompts of its teacher-forced exchanges (the first
+    `num_exchanges` prompts that have a usable reply)."""
+    cfg = (manifest.get("sft") or {}).get("config") or {}
+    used = int(cfg.get("num_prompts") or 0)
+    n_ex = int(cfg.get("num_exchanges") or 0)
+    if n_ex:
+        exchanges = sharegpt_exchanges("train", limit=n_ex)
+        if exchanges:
+            order = sharegpt_prompts("train", limit=100_000)
+            used = max(used, order.index(exchanges[-1][0]) + 1)
+    return used
 
 
 def traffic_prompts(target: Target, skip: int, count: int) -> list[list[int]]:

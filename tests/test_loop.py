@@ -56,6 +56,8 @@ TINY_SFT = {
     "batch_tokens": 512,
     "warmup_steps": 1,
     "eval_prompts": 0,
+    "num_exchanges": 4,
+    "exchange_max_tokens": 96,
 }
 TASK_TIMEOUT_S = 420.0
 

@@ -23,7 +23,8 @@ from .conftest import ROOT
 pytestmark = pytest.mark.slow
 
 TINY_SFT = SFTConfig(
-    num_prompts=4, max_new_tokens=16, gen_batch_size=4, train_steps=2, batch_tokens=512, warmup_steps=1, eval_prompts=0
+    num_prompts=4, max_new_tokens=16, gen_batch_size=4, train_steps=2, batch_tokens=512, warmup_steps=1, eval_prompts=0,
+    num_exchanges=4, exchange_max_tokens=96,
 )
 
 
