@@ -130,19 +130,43 @@ def build_methods(target: Target, settings: Settings, k: int, kinds: list[str], 
     return methods
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def agreement(outs: list[list[int]], ref: list[list[int]]) -> dict:
     """How a method's greedy outputs compare with target-only's: prompts identical
     token for token, and the mean share of each reference output reproduced
     before the first difference."""
     same = sum(o == r for o, r in zip(outs, ref))
-    prefix = []
-    for o, r in zip(outs, ref):
-        n = next((i for i, (a, b) in enumerate(zip(o, r)) if a != b), min(len(o), len(r)))
-        prefix.append(n / max(1, len(r)))
+    prefix = [first_difference(o, r) / max(1, len(r)) for o, r in zip(outs, ref)]
     return {"greedy_identical": f"{same}/{len(ref)}", "greedy_prefix_agreement": round(statistics.mean(prefix), 3)}
 
 
-def measure(methods: list, prompts: list[list[int]], max_new: int, repeats: int, progress: Callable) -> list[dict]:
+def divergence_gaps(model, prompts: list[list[int]], outs: list[list[int]], ref: list[list[int]]) -> list[float]:
+    """Where an output first parts from target-only's: the target's logit of its
+    own token minus the logit of the other one, from one prefill of the common
+    prefix. A gap of a rounding step or two (bf16 has 8 bits of mantissa: 0.06
+    at a logit of 16) means an argmax near-tie flipped by kernel rounding, not a
+    verification error."""
+    gaps = []
+    with torch.inference_mode():
+        for p, o, r in zip(prompts, outs, ref):
+            n = first_difference(o, r)
+            if n >= min(len(o), len(r)):
+                continue
+            ids = torch.tensor(p + r[:n], device=model.device)
+            logits, _, _ = model(ids, model.new_cache(len(ids)), last_only=True)
+            gaps.append(round(float(logits[-1, r[n]] - logits[-1, o[n]]), 4))
+    return gaps
+
+
+def measure(
+    methods: list, prompts: list[list[int]], max_new: int, repeats: int, progress: Callable, model=None
+) -> list[dict]:
+    """Interleaved timed runs -> one row per method. With `model` (the target),
+    rows whose greedy output differs from target-only's carry the logit gaps at
+    the first differences (`divergence_gaps`)."""
     for m in methods:  # warm-up: first calls allocate and fault pages in
         m.run(prompts[:1], 8)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
@@ -171,6 +195,8 @@ def measure(methods: list, prompts: list[list[int]], max_new: int, repeats: int,
                 **agreement(outputs[m.name], outputs["target_only"]),
             }
         )
+        if model is not None and outputs[m.name] != outputs["target_only"]:
+            rows[-1]["divergence_logit_gaps"] = divergence_gaps(model, prompts, outputs[m.name], outputs["target_only"])
     return rows
 
 
@@ -206,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         target = load_target(settings.model_copy(update={"dtype": dtype}))
         prompts = [chat_ids(target.tokenizer, t) for t in texts[: args.num_prompts]]
         methods = build_methods(target, settings, k, [s for s in args.drafters.split(",") if s], hf=not args.no_hf)
-        section = measure(methods, prompts, args.max_new_tokens, args.repeats, lambda msg, d=dtype: log.info("%s %s", d, msg))
+        section = measure(methods, prompts, args.max_new_tokens, args.repeats, lambda msg, d=dtype: log.info("%s %s", d, msg), target.model)
         rows += [{"dtype": str(target.model.dtype).removeprefix("torch."), **r} for r in section]
     fastest = max(r["tokens_per_s"] for r in rows if r["method"] == "target_only")
     for r in rows:
