@@ -36,7 +36,7 @@ Full-run time with the defaults (float32 target, OMP_NUM_THREADS=1, the shared
 2-core dev CPU): about 25 min -- per round ~2.5 min serving 24 x 64 tokens, ~0.5
 min of OPD, ~1.5 min evaluating a published version (8 x 64 tokens, drafted and
 target-only); less when updates are not published. `--dtype bfloat16` decodes
-about 1.45x faster on an AMX CPU. `--quick` takes about 40 s."""
+about 1.45x faster on a CPU with AVX512-BF16. `--quick` takes about 40 s."""
 
 from __future__ import annotations
 

@@ -612,7 +612,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     ap.add_argument(
         "--dtype",
         default="bfloat16",
-        help="target dtype (bfloat16 is ~2x float32 on AMX CPUs; auto: Settings)",
+        help="target dtype (bfloat16 is ~2x float32 on CPUs with AVX512-BF16 or AMX; auto: Settings)",
     )
     ap.add_argument("--cache-dir", type=Path, help="default: DRAFTLOOP_CACHE_DIR")
     for f in fields(Plan):

@@ -21,7 +21,7 @@ Draft-OPD paper's SFT baseline, our cold start).
 4. The head is written as the next `eagle3/v{N}` checkpoint (parent None),
    after a τ evaluation on a few held-out prompts.
 
-Defaults, measured on the shared 2-core dev CPU (one thread, bf16 AMX): 512
+Defaults, measured on the shared 2-core dev CPU (one thread, bf16 on AVX512-BF16): 512
 prompts x 128 new tokens -> 90k positions in 4.3 min, 240 steps of 2048
 tokens in 10 min, 14.9 min in all."""
 
@@ -239,7 +239,7 @@ def generate_batch(
 
 def bf16_is_fast(device: torch.device) -> bool:
     """bf16 matmuls beat float32 here: CUDA, or a CPU with AMX / AVX512-BF16
-    (about 8x on the 2-core Sapphire Rapids dev box for training-sized GEMMs)."""
+    (about 8x on the 2-core AMD EPYC dev box, AVX512-BF16, for training-sized GEMMs)."""
     if device.type == "cuda":
         return True
     cpu = getattr(torch, "cpu", None)
@@ -289,7 +289,7 @@ def collect_trajectories(
     under cache_dir/trajectories-<key>/, so an interrupted run resumes. With
     fast_bf16 a bfloat16 copy of the target generates (its greedy path can part
     from the float32 one at near-ties; the features differ by bf16 rounding --
-    both harmless for training data, and several times faster on AMX CPUs)."""
+    both harmless for training data, and several times faster on CPUs with bf16 instructions)."""
     key = _digest([model_id, list(hidden_layers), max_new_tokens, batch_size, sorted(eos_ids), fast_bf16, [list(p) for p in prompt_ids]])
     folder = Path(cache_dir) / f"trajectories-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -659,7 +659,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="torch intra-op threads on CPU (default 1: on the shared 2-core dev box two threads ran 3.4x slower "
-        "than one under load, and only 6%% faster when idle, since the bf16 AMX matmuls saturate one core)",
+        "than one under load, and only 6%% faster when idle, since the bf16 matmuls saturate one core)",
     )
     p.add_argument("--checkpoint-dir", type=Path, help="default: DRAFTLOOP_CHECKPOINT_DIR")
     p.add_argument("--cache-dir", type=Path, help="default: DRAFTLOOP_CACHE_DIR")
