@@ -44,7 +44,7 @@ import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -52,11 +52,11 @@ from typing import Any
 from benchmarks.speedup import EngineMethod, device_name, measure
 from service.config import Settings, trainer_overrides
 from service.drafters import eagle3
-from service.engine import Engine, NoDrafter
+from service.engine import NoDrafter
 from service.prompts import chat_ids, load_prompts, sharegpt_exchanges, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
-from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update
+from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update, save_update, serve_for_blocks
 
 log = logging.getLogger("benchmarks.online")
 
@@ -137,20 +137,8 @@ def serve(
 ) -> tuple[BlockCollector, dict[str, Any]]:
     """Serve `prompts` with the version's drafter (request i seeded first_seed + i),
     collecting every verify block as the block log would."""
-    collector = BlockCollector(target.model_id)
-    engine = Engine(target.model, drafter_for(version, target), target.eos_token_ids, k, block_sink=collector)
-    t0 = time.perf_counter()
-    tokens = 0
-    for i, ids in enumerate(prompts):
-        request = replace(params, seed=first_seed + i)
-        tokens += len(engine.generate(ids, request, request_id=f"{tag}-{i}"))
-    stats = {
-        "requests": len(prompts),
-        "tokens": tokens,
-        "blocks": len(collector.records),
-        "served_tau": round(engine.stats.tau, 4),
-        "serve_seconds": round(time.perf_counter() - t0, 1),
-    }
+    collector, stats = serve_for_blocks(target, drafter_for(version, target), k, prompts, params, first_seed, tag)
+    stats["served_tau"], stats["serve_seconds"] = stats.pop("tau"), stats.pop("seconds")
     return collector, stats
 
 
@@ -166,20 +154,7 @@ def publish(
     result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int
 ) -> Version:
     """Write the updated head as the next checkpoint, with the worker's manifest fields."""
-    path = eagle3.save_checkpoint(
-        result.head,
-        save_dir,
-        target.model_id,
-        parent_version=parent.number,
-        trained_on={
-            "blocks": result.train_blocks,
-            "requests": result.train_requests,
-            "heldout_blocks": result.after.blocks,
-            "optimizer_steps": result.train.steps,
-        },
-        eval_tau={"tau_before": result.before.tau, "tau_after": result.after.tau},
-        extra={"trainer": "opd", "opd": {"config": asdict(cfg), "benchmark": "online", "round": round_no}},
-    )
+    path = save_update(result, save_dir, target.model_id, parent.number, {"config": asdict(cfg), "benchmark": "online", "round": round_no})
     return Version(parent.number + 1, path, parent.blocks_trained + result.train_blocks, round_no)
 
 

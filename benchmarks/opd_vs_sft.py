@@ -66,7 +66,7 @@ import torch
 from benchmarks.speedup import EngineMethod, device_name, measure, strip_eos
 from service.config import Settings
 from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3Drafter, Eagle3Head
-from service.engine import Engine, NoDrafter, StepTiming
+from service.engine import NoDrafter, StepTiming
 from service.metrics import SpecDecodeStats
 from service.prompts import chat_ids, load_prompts, sharegpt_prompts
 from service.runtime import Target, load_target
@@ -79,6 +79,7 @@ from worker.opd import (
     build_requests,
     compute_features,
     train_opd,
+    serve_for_blocks,
     trainable_copy,
 )
 
@@ -401,19 +402,10 @@ def collect_rollouts(
 ) -> tuple[BlockCollector, dict]:
     """On-policy blocks: the SFT drafter (version "1") serves the prompts through
     the real engine at temperature 1, every verify step logged."""
-    collector = BlockCollector(target.model_id)
     drafter = serving_drafter(head, target, "1", plan.rollout_min_confidence)
-    engine = Engine(target.model, drafter, target.eos_token_ids, plan.k, block_sink=collector)
-    tokens = 0
-    for i, ids in enumerate(prompts):
-        params = SamplingParams(temperature=1.0, seed=plan.seed + i, max_tokens=plan.rollout_max_tokens)
-        tokens += len(engine.generate(ids, params, request_id=f"rollout-{i}"))
-    stats = {
-        "requests": len(prompts),
-        "tokens": tokens,
-        "blocks": len(collector.records),
-        "tau": round(engine.stats.tau, 4),
-    }
+    params = SamplingParams(temperature=1.0, max_tokens=plan.rollout_max_tokens)
+    collector, stats = serve_for_blocks(target, drafter, plan.k, prompts, params, plan.seed, "rollout")
+    del stats["seconds"]  # the phase clock records it
     return collector, stats
 
 

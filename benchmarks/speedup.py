@@ -56,10 +56,10 @@ def strip_eos(tokens: list[int], eos: set[int]) -> list[int]:
 class EngineMethod:
     """One of our engine configurations; keeps its stats across repetitions."""
 
-    def __init__(self, name: str, target: Target, drafter: Drafter, k: int):
+    def __init__(self, name: str, target: Target, drafter: Drafter, k: int, block_sink=None):
         self.name = name
         self.eos = target.eos_token_ids
-        self.engine = Engine(target.model, drafter, target.eos_token_ids, k)
+        self.engine = Engine(target.model, drafter, target.eos_token_ids, k, block_sink=block_sink)
 
     def run(self, prompts: list[list[int]], max_new: int) -> list[list[int]]:
         params = SamplingParams(temperature=0.0, max_tokens=max_new)
@@ -162,11 +162,18 @@ def divergence_gaps(model, prompts: list[list[int]], outs: list[list[int]], ref:
 
 
 def measure(
-    methods: list, prompts: list[list[int]], max_new: int, repeats: int, progress: Callable, model=None
+    methods: list,
+    prompts: list[list[int]],
+    max_new: int,
+    repeats: int,
+    progress: Callable,
+    model=None,
+    baseline: str = "target_only",
 ) -> list[dict]:
-    """Interleaved timed runs -> one row per method. With `model` (the target),
-    rows whose greedy output differs from target-only's carry the logit gaps at
-    the first differences (`divergence_gaps`)."""
+    """Interleaved timed runs -> one row per method; speedups and greedy agreement
+    are relative to the method named `baseline`. With `model` (the target), rows
+    whose greedy output differs from the baseline's carry the logit gaps at the
+    first differences (`divergence_gaps`)."""
     for m in methods:  # warm-up: first calls allocate and fault pages in
         m.run(prompts[:1], 8)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
@@ -182,7 +189,7 @@ def measure(
             times[m.name].append(dt)
             tokens[m.name].append(n)
             progress(f"rep {r + 1}/{repeats} {m.name:28s} {n / dt:7.1f} tok/s")
-    base = statistics.median(n / t for n, t in zip(tokens["target_only"], times["target_only"]))
+    base = statistics.median(n / t for n, t in zip(tokens[baseline], times[baseline]))
     rows = []
     for m in methods:
         tps = statistics.median(n / t for n, t in zip(tokens[m.name], times[m.name]))
@@ -192,11 +199,11 @@ def measure(
                 "tokens_per_s": round(tps, 2),
                 **m.extra(),
                 "speedup_vs_target_only": round(tps / base, 3),
-                **agreement(outputs[m.name], outputs["target_only"]),
+                **agreement(outputs[m.name], outputs[baseline]),
             }
         )
-        if model is not None and outputs[m.name] != outputs["target_only"]:
-            rows[-1]["divergence_logit_gaps"] = divergence_gaps(model, prompts, outputs[m.name], outputs["target_only"])
+        if model is not None and outputs[m.name] != outputs[baseline]:
+            rows[-1]["divergence_logit_gaps"] = divergence_gaps(model, prompts, outputs[m.name], outputs[baseline])
     return rows
 
 

@@ -455,6 +455,32 @@ class BlockCollector:
         self.contexts.clear()
 
 
+def serve_for_blocks(
+    target, drafter, k: int, prompts: Sequence[Sequence[int]], params, first_seed: int, tag: str
+) -> tuple[BlockCollector, dict[str, Any]]:
+    """Serve `prompts` through the real engine with `drafter` (request i sampled
+    with seed first_seed + i, id f"{tag}-{i}") into a BlockCollector: the blocks
+    the Redis log would hold, for benchmarks that train in-process. `target` is
+    a service.runtime.Target, `params` the requests' SamplingParams."""
+    from dataclasses import replace
+
+    from service.engine import Engine
+
+    collector = BlockCollector(target.model_id)
+    engine = Engine(target.model, drafter, target.eos_token_ids, k, block_sink=collector)
+    t0, tokens = time.perf_counter(), 0
+    for i, ids in enumerate(prompts):
+        tokens += len(engine.generate(list(ids), replace(params, seed=first_seed + i), request_id=f"{tag}-{i}"))
+    stats = {
+        "requests": len(prompts),
+        "tokens": tokens,
+        "blocks": len(collector.records),
+        "tau": round(engine.stats.tau, 4),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return collector, stats
+
+
 # ---------------------------------------------------------------------------
 # target features
 
@@ -917,3 +943,26 @@ def opd_update(
 
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def save_update(
+    result: UpdateResult, checkpoint_dir, target_model_id: str, parent_version: int, opd_info: dict[str, Any]
+):
+    """Write an update's head as the next `eagle3/v{N}` with the manifest fields
+    every OPD checkpoint carries (`opd_info` goes under "opd"). -> its directory."""
+    from service.drafters.eagle3 import save_checkpoint
+
+    return save_checkpoint(
+        result.head,
+        checkpoint_dir,
+        target_model_id,
+        parent_version=parent_version,
+        trained_on={
+            "blocks": result.train_blocks,
+            "requests": result.train_requests,
+            "heldout_blocks": result.after.blocks,
+            "optimizer_steps": result.train.steps,
+        },
+        eval_tau={"tau_before": result.before.tau, "tau_after": result.after.tau},
+        extra={"trainer": "opd", "opd": opd_info},
+    )

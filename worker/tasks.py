@@ -56,7 +56,7 @@ from service.drafters import eagle3
 
 from .app import OPD_UPDATE_TASK, TASK_SOFT_TIME_LIMIT_S, app
 from .lock import training_lock
-from .opd import OPDConfig, opd_update as run_opd
+from .opd import OPDConfig, opd_update as run_opd, save_update
 from .sft import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -338,28 +338,12 @@ def run_update(r: redis.Redis, settings: Settings, target=None, progress=None) -
     elif result.improved:
         if progress:
             progress("publishing", tau_before=result.before.tau, tau_after=result.after.tau)
-        path = eagle3.save_checkpoint(
-            result.head,
+        path = save_update(
+            result,
             settings.checkpoint_dir,
             target.model_id,
-            parent_version=version,
-            trained_on={
-                "blocks": result.train_blocks,
-                "requests": result.train_requests,
-                "heldout_blocks": result.after.blocks,
-                "optimizer_steps": result.train.steps,
-            },
-            eval_tau={"tau_before": result.before.tau, "tau_after": result.after.tau},
-            extra={
-                "trainer": "opd",
-                "opd": {
-                    "config": asdict(cfg),
-                    "stream": stream,
-                    "entries": report["entries"],
-                    "eval": report["eval"],
-                    "loss": report["loss"],
-                },
-            },
+            version,
+            {"config": asdict(cfg), "stream": stream, "entries": report["entries"], "eval": report["eval"], "loss": report["loss"]},
         )
         new_version = int(path.name.removeprefix("v"))
         report["pointer_moved"] = checkpoints.publish_version(r, new_version, path)
