@@ -74,7 +74,7 @@ from service.drafters.eagle3 import Eagle3Head, FrozenTarget, shifted_tokens
 from service.llama import LlamaModel
 
 from .opd_loss import Mode, OPDLoss, densify_topk, opd_loss
-from .sft import bf16_is_fast
+from .sft import bf16_is_fast, length_batches
 
 log = logging.getLogger(__name__)
 
@@ -662,20 +662,7 @@ def blocks_loss(logq: Tensor, batch: _Batch, cfg: OPDConfig, weighted: bool = Tr
 def make_batches(requests: Sequence[RequestBlocks], batch_tokens: int) -> list[list[int]]:
     """Request indices grouped by length, padded size B x T <= batch_tokens
     (a longer request is a batch of its own)."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i].tokens.numel())
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    longest = 0
-    for i in order:
-        n = requests[i].tokens.numel()
-        if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur, longest = [], 0
-        cur.append(i)
-        longest = max(longest, n)
-    if cur:
-        batches.append(cur)
-    return batches
+    return length_batches([r.tokens.numel() for r in requests], batch_tokens)
 
 
 # ---------------------------------------------------------------------------

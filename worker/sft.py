@@ -345,12 +345,15 @@ class Batch:
     lengths: Tensor  # (B,)
 
 
-def make_batches(data: Trajectories, batch_tokens: int) -> list[list[int]]:
-    """Trajectory indices grouped by length so B x max_len <= batch_tokens."""
-    order = sorted(range(len(data)), key=data.length)
-    batches, cur, longest = [], [], 0
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped by length so that B x max_len <= batch_tokens (a longer
+    item is a batch of its own): little padding, bounded batch memory."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    longest = 0
     for i in order:
-        n = data.length(i)
+        n = lengths[i]
         if cur and max(longest, n) * (len(cur) + 1) > batch_tokens:
             batches.append(cur)
             cur, longest = [], 0
@@ -359,6 +362,11 @@ def make_batches(data: Trajectories, batch_tokens: int) -> list[list[int]]:
     if cur:
         batches.append(cur)
     return batches
+
+
+def make_batches(data: Trajectories, batch_tokens: int) -> list[list[int]]:
+    """Trajectory indices grouped by length so B x max_len <= batch_tokens."""
+    return length_batches([data.length(i) for i in range(len(data))], batch_tokens)
 
 
 def collate(data: Trajectories, idx: Sequence[int], dtype=torch.float32) -> Batch:
