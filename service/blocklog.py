@@ -35,6 +35,7 @@ import queue
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgpack
 import numpy as np
@@ -44,6 +45,9 @@ from redis.retry import Retry
 
 from .config import Settings
 from .metrics import Metrics
+
+if TYPE_CHECKING:
+    from .engine import BlockObservation
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,25 @@ class BlockRecord:
     target_top_logprobs: list[list[float]]  # (K+1) x k, log p
     target_draft_logprobs: list[float]  # K: log p of each drafted token at its position
     schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def from_observation(cls, obs: BlockObservation, target_model: str) -> BlockRecord:
+        """The record of one verify step, as the engine hands it to its block sink."""
+        return cls(
+            request_id=obs.request_id,
+            step=obs.step,
+            drafter_version=obs.drafter_version,
+            target_model=target_model,
+            temperature=obs.temperature,
+            position=obs.position,
+            draft_tokens=obs.draft_tokens,
+            draft_logprobs=obs.draft_logprobs,
+            num_accepted=obs.num_accepted,
+            next_token=obs.next_token,
+            target_top_ids=obs.target_top_ids,
+            target_top_logprobs=obs.target_top_logprobs,
+            target_draft_logprobs=obs.target_draft_logprobs,
+        )
 
     @property
     def num_draft(self) -> int:

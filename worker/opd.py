@@ -427,21 +427,7 @@ class BlockCollector:
         self.contexts: dict[str, list[int]] = {}
 
     def __call__(self, obs) -> None:  # obs: service.engine.BlockObservation
-        rec = BlockRecord(
-            request_id=obs.request_id,
-            step=obs.step,
-            drafter_version=obs.drafter_version,
-            target_model=self.target_model,
-            temperature=obs.temperature,
-            position=obs.position,
-            draft_tokens=list(obs.draft_tokens),
-            draft_logprobs=list(obs.draft_logprobs),
-            num_accepted=obs.num_accepted,
-            next_token=obs.next_token,
-            target_top_ids=obs.target_top_ids,
-            target_top_logprobs=obs.target_top_logprobs,
-            target_draft_logprobs=list(obs.target_draft_logprobs),
-        )
+        rec = BlockRecord.from_observation(obs, self.target_model)
         ctx = self.contexts.setdefault(obs.request_id, [])
         if obs.prompt_ids is not None:
             ctx[: len(obs.prompt_ids)] = obs.prompt_ids

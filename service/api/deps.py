@@ -63,23 +63,7 @@ def build_block_sink(
     def sink(obs: BlockObservation) -> None:
         if obs.prompt_ids is not None:
             logger.submit(PromptRecord(obs.request_id, obs.prompt_ids))
-        logger.submit(
-            BlockRecord(
-                request_id=obs.request_id,
-                step=obs.step,
-                drafter_version=obs.drafter_version,
-                target_model=target_model,
-                temperature=obs.temperature,
-                position=obs.position,
-                draft_tokens=obs.draft_tokens,
-                draft_logprobs=obs.draft_logprobs,
-                num_accepted=obs.num_accepted,
-                next_token=obs.next_token,
-                target_top_ids=obs.target_top_ids,
-                target_top_logprobs=obs.target_top_logprobs,
-                target_draft_logprobs=obs.target_draft_logprobs,
-            )
-        )
+        logger.submit(BlockRecord.from_observation(obs, target_model))
 
     log.info("logging verify blocks to %s (stream %s)", settings.redis_url, settings.block_stream)
     return sink
