@@ -195,14 +195,6 @@ def current_checkpoint(r: redis.Redis, settings: Settings, target) -> tuple[int,
     return None
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> Path:
     """`<checkpoint_dir>/reports/<UTC time>-v<version>.json`, written atomically."""
     folder = Path(checkpoint_dir) / REPORTS_DIR
@@ -211,9 +203,9 @@ def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> 
     path = folder / f"{stamp}-v{version}.json"
     tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    _fsync(tmp)
+    eagle3.fsync_path(tmp)
     os.replace(tmp, path)
-    _fsync(folder)
+    eagle3.fsync_path(folder)
     log.info("report %s", path)
     return path
 

@@ -534,7 +534,8 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (after a rename, so the new entry is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -570,7 +571,7 @@ def save_checkpoint(
         state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
         weights = tmp / WEIGHTS_FILE
         save_file(state, str(weights), metadata={"format": FORMAT})
-        _fsync_path(weights)
+        fsync_path(weights)
         c = head.cfg
         manifest: dict[str, Any] = {
             "format": FORMAT,
@@ -599,8 +600,8 @@ def save_checkpoint(
             manifest["version"] = n
             mpath = tmp / MANIFEST_FILE
             mpath.write_text(json.dumps(manifest, indent=2) + "\n")
-            _fsync_path(mpath)
-            _fsync_path(tmp)
+            fsync_path(mpath)
+            fsync_path(tmp)
             dest = root / f"v{n}"
             try:
                 os.rename(tmp, dest)  # atomic; fails if dest exists and is non-empty
@@ -608,7 +609,7 @@ def save_checkpoint(
                 if dest.exists():
                     continue
                 raise
-            _fsync_path(root)
+            fsync_path(root)
             log.info("saved eagle3 checkpoint v%d to %s", n, dest)
             return dest
         raise RuntimeError(f"could not claim a version number under {root}")
