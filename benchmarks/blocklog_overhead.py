@@ -24,7 +24,7 @@ from benchmarks.speedup import EngineMethod, device_name, measure
 from service.api.deps import build_block_sink
 from service.config import Settings
 from service.metrics import Metrics
-from service.prompts import chat_ids, load_prompts, sharegpt_prompts
+from service.prompts import chat_ids, eval_prompts
 from service.runtime import build_drafter, load_target
 
 log = logging.getLogger("benchmarks.blocklog_overhead")
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     client = redis.Redis.from_url(settings.redis_url)
     client.ping()  # the point is a real Redis: fail early without one
     target = load_target(settings)
-    texts = load_prompts(args.prompts) if args.prompts else sharegpt_prompts("heldout", limit=args.num_prompts)
-    prompts = [chat_ids(target.tokenizer, t) for t in list(texts)[: args.num_prompts]]
+    prompts = [chat_ids(target.tokenizer, t) for t in eval_prompts(args.prompts, args.num_prompts)]
     drafter = build_drafter(settings, target)
     k = settings.num_speculative_tokens
     metrics, on_close = Metrics(), []

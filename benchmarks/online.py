@@ -53,7 +53,7 @@ from benchmarks.speedup import EngineMethod, device_name, measure
 from service.config import Settings, trainer_overrides
 from service.drafters import eagle3
 from service.engine import NoDrafter
-from service.prompts import chat_ids, load_prompts, sharegpt_exchanges, sharegpt_prompts
+from service.prompts import chat_ids, eval_prompts, sharegpt_exchanges, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
 from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update, save_update, serve_for_blocks
@@ -284,7 +284,6 @@ def prepare(args: argparse.Namespace) -> Setup:
     sft_path, manifest = newest_sft(checkpoint_dir, target)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     skip = sft_prompt_count(manifest)
-    texts = load_prompts(args.prompts) if args.prompts else sharegpt_prompts("heldout", limit=args.eval_prompts)
     return Setup(
         target=target,
         k=args.num_speculative_tokens or settings.num_speculative_tokens,
@@ -294,7 +293,7 @@ def prepare(args: argparse.Namespace) -> Setup:
         cfg=OPDConfig(**{**OPD_DEFAULTS, **settings.opd_train, **args.opd}),
         skip=skip,
         traffic=traffic_prompts(target, skip, args.rounds * args.prompts_per_round),
-        eval_prompts=[chat_ids(target.tokenizer, t) for t in list(texts)[: args.eval_prompts]],
+        eval_prompts=[chat_ids(target.tokenizer, t) for t in eval_prompts(args.prompts, args.eval_prompts)],
     )
 
 

@@ -68,7 +68,7 @@ from service.config import Settings
 from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3Drafter, Eagle3Head
 from service.engine import NoDrafter, StepTiming
 from service.metrics import SpecDecodeStats
-from service.prompts import chat_ids, load_prompts, sharegpt_prompts
+from service.prompts import chat_ids, eval_prompts, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
 from worker import sft
@@ -631,12 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     clock.say("plan: %s", asdict(plan))
     with clock.phase("load"):
         target = load_target(settings)
-        texts = (
-            load_prompts(args.prompts)[: plan.eval_prompts]
-            if args.prompts
-            else list(sharegpt_prompts("heldout", limit=plan.eval_prompts))
-        )
-        heldout = [chat_ids(target.tokenizer, t) for t in texts]
+        heldout = [chat_ids(target.tokenizer, t) for t in eval_prompts(args.prompts, plan.eval_prompts)]
         train_texts = list(sharegpt_prompts("train", limit=plan.sft_prompts + plan.rollout_prompts))
         rollout_ids = [chat_ids(target.tokenizer, t) for t in train_texts[plan.sft_prompts :]]
     evaluate = greedy_evaluator(target, heldout, plan)

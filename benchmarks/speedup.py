@@ -35,7 +35,7 @@ from service.drafters.base import Drafter
 from service.drafters.draft_model import DraftModelDrafter
 from service.drafters.ngram import NgramDrafter
 from service.engine import Engine, NoDrafter
-from service.prompts import chat_ids, load_prompts, sharegpt_prompts
+from service.prompts import chat_ids, eval_prompts
 from service.runtime import Target, load_target, pick_device
 from service.sampling import SamplingParams
 
@@ -230,14 +230,14 @@ def main(argv: list[str] | None = None) -> None:
     dtypes = [d for d in (args.dtypes or "").split(",") if d] or (
         ["float32", "bfloat16"] if pick_device(settings.device).type == "cpu" else [settings.dtype]
     )
-    texts = load_prompts(args.prompts) if args.prompts else list(sharegpt_prompts("heldout", limit=args.num_prompts))
+    texts = eval_prompts(args.prompts, args.num_prompts)
     k = args.num_speculative_tokens or settings.num_speculative_tokens
     rows: list[dict] = []
     target = None
     for dtype in dtypes:
         target = None  # free the previous copy before loading the next
         target = load_target(settings.model_copy(update={"dtype": dtype}))
-        prompts = [chat_ids(target.tokenizer, t) for t in texts[: args.num_prompts]]
+        prompts = [chat_ids(target.tokenizer, t) for t in texts]
         methods = build_methods(target, settings, k, [s for s in args.drafters.split(",") if s], hf=not args.no_hf)
         section = measure(methods, prompts, args.max_new_tokens, args.repeats, lambda msg, d=dtype: log.info("%s %s", d, msg), target.model)
         rows += [{"dtype": str(target.model.dtype).removeprefix("torch."), **r} for r in section]
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         "model": target.name,
         "device": device_name(target.model.device),
         "dtypes": dtypes,
-        "prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(texts[: args.num_prompts])}]",
-        "num_prompts": len(texts[: args.num_prompts]),
+        "prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(texts)}]",
+        "num_prompts": len(texts),
         "max_new_tokens": args.max_new_tokens,
         "num_speculative_tokens": k,
         "repeats": args.repeats,

@@ -103,6 +103,13 @@ def load_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def eval_prompts(path: str | Path | None, limit: int) -> list[str]:
+    """The first `limit` prompts of a JSONL file, or of the built-in held-out split:
+    what every benchmark evaluates on."""
+    texts = load_prompts(path) if path else sharegpt_prompts("heldout", limit=limit)
+    return list(texts)[:limit]
+
+
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as one user turn through the model's chat template."""
     ids = tokenizer.apply_chat_template(
