@@ -4,8 +4,9 @@
 #
 # Models (/models) and drafter checkpoints (/checkpoints) live on volumes, never in the image.
 # Layers go from least to most often changed: OS + Python, torch, the project's
-# dependencies (read from pyproject.toml alone), then the code. Everything up to
+# dependencies (read from pyproject.toml alone), then the code. Everything before
 # the code is identical in worker.Dockerfile, so the two images share those layers.
+# The server ships `service/` only: nothing in it imports `worker/` (the trainers).
 #
 # BASE_IMAGE is NVIDIA's CUDA base image (CUDA runtime + the NVIDIA container
 # environment). The CUDA 13.0 libraries torch links against (cuBLAS, cuDNN,
@@ -59,7 +60,6 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 # The code.
 COPY README.md ./
 COPY service ./service
-COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # Container defaults; docker-compose.yml sets the same values explicitly.

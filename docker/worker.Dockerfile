@@ -3,8 +3,8 @@
 #   docker build -f docker/worker.Dockerfile -t draftloop-worker:0.1.0 .   (docker compose does this)
 #
 # Models (/models) and drafter checkpoints (/checkpoints) live on volumes, never in the image.
-# Everything up to the code install is identical to server.Dockerfile, so the
-# two images share those layers (built once).
+# Everything before the code is identical to server.Dockerfile, so the two
+# images share those layers (built once); the worker adds `worker/` to `service/`.
 #
 # BASE_IMAGE is NVIDIA's CUDA base image (CUDA runtime + the NVIDIA container
 # environment). The CUDA 13.0 libraries torch links against (cuBLAS, cuDNN,

@@ -526,15 +526,20 @@ def test_dockerfile(name: str) -> None:
 
 
 def test_dockerfiles_share_their_dependency_layers() -> None:
-    """server and worker are built from the same instructions up to the code
-    install, so Docker builds those layers once."""
+    """server and worker are built from the same instructions up to the
+    dependency install, so Docker builds those layers once; only the worker
+    image carries the trainers (`worker/`)."""
     server, worker = (dockerfile_instructions(p) for p in DOCKERFILES.values())
     end = next(
-        i
-        for i, (w, a) in enumerate(server)
-        if w == "RUN" and a.endswith("pip install --no-cache-dir --no-deps --no-build-isolation .")
+        i for i, (w, a) in enumerate(server) if w == "RUN" and "pip install -r /tmp/requirements.txt" in a
     )
     assert server[: end + 1] == worker[: end + 1]
+
+    def copied(ins: list[tuple[str, str]]) -> set[str]:
+        return {a.split()[-2].rstrip("/") for w, a in ins if w == "COPY" and "--from" not in a}
+
+    assert "worker" not in copied(server), "the server image must not ship the trainers"
+    assert {"service", "worker"} <= copied(worker)
 
 
 def test_dockerignore_sends_only_the_build_inputs() -> None:
