@@ -50,7 +50,8 @@ from typing import Any
 import redis
 from celery import Task
 
-from service import blocklog, checkpoints
+from service import checkpoints
+from service.blocklog import BlockConsumer, entry_id_key
 from service.config import Settings, get_settings
 from service.drafters import eagle3
 
@@ -95,71 +96,6 @@ def get_target(settings: Settings):
         _target_cache.clear()
         _target_cache[settings.target_model] = load_target(settings)
     return _target_cache[settings.target_model]
-
-
-# ---------------------------------------------------------------------------
-# reading blocks
-
-
-def waiting_blocks(r: redis.Redis, stream: str, group: str = GROUP, at_least: int | None = None) -> tuple[int, int]:
-    """(undelivered, pending) entries of the consumer group, without consuming
-    anything. When Redis cannot tell the lag (after deletions), undelivered
-    entries are counted with XRANGE, up to `at_least` (None: all)."""
-    for g in r.xinfo_groups(stream):
-        if _s(g["name"]) != group:
-            continue
-        lag = g.get("lag")
-        if lag is None:
-            last = _s(g["last-delivered-id"])
-            lag = len(r.xrange(stream, min=f"({last}", max="+", count=at_least))
-        return int(lag), int(g["pending"])
-    return 0, 0
-
-
-def read_entries(
-    r: redis.Redis, stream: str, group: str, consumer: str, max_entries: int
-) -> tuple[list[tuple[str, blocklog.BlockRecord]], list[str]]:
-    """This consumer's pending entries, then new ones, up to `max_entries`
-    -> ((id, record) list, ids that cannot be used: trimmed or undecodable)."""
-    raw: list[tuple[str, dict | None]] = []
-    last = "0"
-    while len(raw) < max_entries:  # pending: page through this consumer's PEL
-        got = r.xreadgroup(group, consumer, {stream: last}, count=min(1000, max_entries - len(raw)))
-        batch = got[0][1] if got else []
-        if not batch:
-            break
-        raw += [(_s(i), f) for i, f in batch]
-        last = raw[-1][0]
-    while len(raw) < max_entries:  # then new entries
-        got = r.xreadgroup(group, consumer, {stream: ">"}, count=min(1000, max_entries - len(raw)))
-        batch = got[0][1] if got else []
-        if not batch:
-            break
-        raw += [(_s(i), f) for i, f in batch]
-    entries, bad = [], []
-    for eid, f in raw:
-        if not f:  # trimmed away while pending
-            bad.append(eid)
-            continue
-        try:
-            entries.append((eid, blocklog.decode(f)))
-        except blocklog.SchemaError as e:
-            log.warning("skipping block record %s: %s", eid, e)
-            bad.append(eid)
-    return entries, bad
-
-
-def ack_all(r: redis.Redis, stream: str, group: str, ids: list[str], chunk: int = 1000) -> int:
-    return sum(blocklog.ack(r, stream, group, ids[i : i + chunk]) for i in range(0, len(ids), chunk))
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 # ---------------------------------------------------------------------------
@@ -273,22 +209,23 @@ def run_update(r: redis.Redis, settings: Settings, target=None, progress=None) -
         return bootstrap(r, settings, target, progress)
     version, head = current
 
-    blocklog.ensure_group(r, stream, GROUP)
-    undelivered, pending = waiting_blocks(r, stream, GROUP, at_least=settings.opd_min_blocks)
+    consumer = BlockConsumer(r, stream, GROUP, CONSUMER)
+    consumer.ensure_group()
+    undelivered, pending = consumer.waiting(at_least=settings.opd_min_blocks)
     if undelivered + pending < settings.opd_min_blocks:
         log.info("opd: %d blocks waiting (%d pending), fewer than %d: nothing to do", undelivered + pending, pending, settings.opd_min_blocks)
         return {"status": "waiting", "blocks_waiting": undelivered + pending, "min_blocks": settings.opd_min_blocks, "version": version}
     if pending:
-        done = _finished_but_unacked(r, settings, stream)
+        done = _finished_but_unacked(consumer, settings)
         if done is not None:
             return done
 
     if progress:
         progress("reading", version=version)
-    entries, bad = read_entries(r, stream, GROUP, CONSUMER, MAX_BLOCKS)
-    ids = sorted([eid for eid, _ in entries] + bad, key=_id_key)
+    entries, bad = consumer.read(MAX_BLOCKS)
+    ids = sorted([eid for eid, _ in entries] + bad, key=entry_id_key)
     records = [rec for _, rec in entries]
-    contexts = {rid: ctx.tokens for rid, ctx in blocklog.read_contexts(r, stream, (rec.request_id for rec in records)).items()}
+    contexts = {rid: ctx.tokens for rid, ctx in consumer.read_contexts(rec.request_id for rec in records).items()}
     log.info("opd: read %d block records (%d unusable) for v%d", len(records), len(bad), version)
 
     cfg = opd_config(settings)
@@ -346,7 +283,7 @@ def run_update(r: redis.Redis, settings: Settings, target=None, progress=None) -
         log.info("opd: not publishing: held-out E[τ] %s -> %s", result.before.tau, result.after.tau)
     report["duration_s"] = round(time.perf_counter() - t0, 2)
     write_report(settings.checkpoint_dir, report_version, report)
-    acked = ack_all(r, stream, GROUP, ids)  # only now: the outcome is on disk (and in the pointer)
+    acked = consumer.ack(ids)  # only now: the outcome is on disk (and in the pointer)
     log.info(
         "opd: %s (v%d -> %s), E[τ] %s -> %s, %d blocks acked, %.1f s",
         report["status"], version, report["new_version"], result.before.tau, result.after.tau, acked, report["duration_s"],
@@ -354,17 +291,18 @@ def run_update(r: redis.Redis, settings: Settings, target=None, progress=None) -
     return report
 
 
-def _finished_but_unacked(r: redis.Redis, settings: Settings, stream: str) -> dict[str, Any] | None:
+def _finished_but_unacked(consumer: BlockConsumer, settings: Settings) -> dict[str, Any] | None:
     """A run that wrote its report but died before XACK leaves exactly its
     entries pending: ack them instead of training on them twice."""
     last = latest_report(settings.checkpoint_dir)
-    if not last or last.get("kind") != "opd" or last.get("stream") != stream:
+    if not last or last.get("kind") != "opd" or last.get("stream") != consumer.stream:
         return None
-    info = r.xpending(stream, GROUP)
-    e = last.get("entries") or {}
-    if info["pending"] and (info["pending"], _s(info["min"]), _s(info["max"])) == (e.get("count"), e.get("first_id"), e.get("last_id")):
-        ids = [_s(x["message_id"]) for x in r.xpending_range(stream, GROUP, min="-", max="+", count=info["pending"])]
-        acked = ack_all(r, stream, GROUP, ids)
+    pending = consumer.pending()
+    reported = last.get("entries") or {}
+    if pending.count and (pending.count, pending.first_id, pending.last_id) == (
+        reported.get("count"), reported.get("first_id"), reported.get("last_id")
+    ):
+        acked = consumer.ack(consumer.pending_ids(pending.count))
         log.warning("opd: the last run (%s) finished but did not ack; acked its %d entries", last.get("status"), acked)
         return {"status": "already_done", "acked": acked, "report": last}
     return None
