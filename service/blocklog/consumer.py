@@ -121,9 +121,8 @@ class BlockConsumer:
 
     def ack(self, ids: Sequence[str]) -> int:
         """XACK `ids` (in chunks); returns how many were pending."""
-        return sum(
-            int(self.redis.xack(self.stream, self.group, *ids[i : i + _PAGE])) for i in range(0, len(ids), _PAGE)
-        )
+        chunks = (ids[start : start + _PAGE] for start in range(0, len(ids), _PAGE))
+        return sum(int(self.redis.xack(self.stream, self.group, *chunk)) for chunk in chunks)
 
     def pending(self) -> PendingSummary:
         """How many entries the group has pending, and the first and last id."""
