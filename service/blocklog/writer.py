@@ -72,22 +72,22 @@ class BlockLogger:
             retry=Retry(NoBackoff(), 0),
         )
         self._queue: queue.Queue[BlockRecord | PromptRecord] = queue.Queue(maxsize=queue_size)
-        self._c = _Counters()
+        self._counters = _Counters()
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name="blocklog-writer", daemon=True)
         self._thread.start()
 
     @property
     def written(self) -> int:
-        return self._c.written
+        return self._counters.written
 
     @property
     def dropped(self) -> int:
-        return self._c.dropped
+        return self._counters.dropped
 
     @property
     def prompts_dropped(self) -> int:
-        return self._c.prompts_dropped
+        return self._counters.prompts_dropped
 
     def submit(self, record: BlockRecord | PromptRecord) -> None:
         """Enqueue a record; never blocks, never raises."""
@@ -123,9 +123,9 @@ class BlockLogger:
                 blocks += 1
             else:
                 prompts += 1
-        with self._c.lock:
-            self._c.dropped += blocks
-            self._c.prompts_dropped += prompts
+        with self._counters.lock:
+            self._counters.dropped += blocks
+            self._counters.prompts_dropped += prompts
         if self.metrics is not None and blocks:
             self.metrics.block_records_dropped.inc(blocks)
 
@@ -194,8 +194,8 @@ class BlockLogger:
                 backoff = min(2 * backoff, self.backoff_s[1])
                 continue
             num_blocks = sum(fields is not None for _, fields, _, _ in encoded)
-            with self._c.lock:
-                self._c.written += num_blocks
+            with self._counters.lock:
+                self._counters.written += num_blocks
             if self.metrics is not None and num_blocks:
                 self.metrics.block_records_written.inc(num_blocks)
             self._done(batch)
