@@ -144,7 +144,7 @@ def serve(
 
 def update(target: Target, version: Version, blocks: BlockCollector, cfg: OPDConfig) -> UpdateResult:
     """One Draft-OPD update of the version on the blocks it served (the core of
-    worker.tasks.run_update)."""
+    worker.update.run_update)."""
     head, _ = eagle3.load_head(version.path, target.model, target.model_id)  # float32, as the worker trains it
     model, model_id = target.model, target.model_id
     return opd_update(head, model, blocks.records, blocks.contexts, version.number, model_id, cfg)

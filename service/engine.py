@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .blocklog.record import BlockObservation
 from .drafters.base import Drafter, Proposal
 from .llama import KVCache, LlamaModel
 from .metrics import Metrics, SpecDecodeStats
@@ -38,25 +39,6 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS) | "length" | None
     prompt_logprobs: list[float | None] | None = None  # with echo + logprobs, on the first output
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
-
-
-@dataclass
-class BlockObservation:
-    """Everything the block log needs from one verify step (tensor-free)."""
-
-    request_id: str
-    step: int
-    drafter_version: str
-    temperature: float
-    position: int  # tokens of context before the first drafted token
-    draft_tokens: list[int]
-    draft_logprobs: list[float]
-    num_accepted: int
-    next_token: int
-    target_top_ids: list[list[int]]  # (K+1) x topk, raw target distribution (temperature 1)
-    target_top_logprobs: list[list[float]]
-    target_draft_logprobs: list[float]  # log p of each drafted token
-    prompt_ids: list[int] | None = None  # set on a request's first step only
 
 
 @dataclass(eq=False)

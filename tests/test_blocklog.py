@@ -1,4 +1,4 @@
-"""Block records: encoding round trip, and the writer and consumer helpers
+"""Block records: encoding round trip, and the writer and the worker's consumer
 against a real Redis (the one at settings.redis_url, plus throwaway
 redis-server processes for outages)."""
 
@@ -14,17 +14,15 @@ import pytest
 import redis
 
 from service.blocklog import (
+    BlockConsumer,
     BlockLogger,
     BlockRecord,
+    PendingSummary,
     PromptRecord,
     SchemaError,
-    ack,
-    block_prefixes,
     decode,
     encode,
-    ensure_group,
-    read_blocks,
-    read_prompt,
+    entry_id_key,
 )
 from service.config import get_settings
 from service.metrics import Metrics
@@ -127,6 +125,17 @@ def test_decode_rejects_unknown_schema_and_bad_records() -> None:
 # --- writer -----------------------------------------------------------------------------
 
 
+def _prompt(r: redis.Redis, stream: str, rid: str) -> list[int] | None:
+    ctx = BlockConsumer(r, stream, "opd", "trainer").read_contexts([rid]).get(rid)
+    return ctx.prompt_ids if ctx is not None else None
+
+
+def _prefixes(r: redis.Redis, stream: str, records: list[BlockRecord]) -> list[list[int] | None]:
+    """Each block's prefix as the worker rebuilds it; None where it cannot."""
+    ctxs = BlockConsumer(r, stream, "opd", "trainer").read_contexts(rec.request_id for rec in records)
+    return [ctxs[rec.request_id].prefix(rec) if rec.request_id in ctxs else None for rec in records]
+
+
 def _request_blocks(rid: str, prompt: list[int]) -> list[BlockRecord]:
     """Three consecutive steps of one request: K = 0 after prefill, then two drafted steps."""
     b0 = _block(rid, step=0, position=len(prompt), draft=[], n_acc=0, next_token=40)
@@ -150,20 +159,28 @@ def test_logger_writes_records_and_context(r: redis.Redis, stream: str) -> None:
     entries = r.xrange(stream)
     assert [decode(f) for _, f in entries] == blocks
 
-    assert read_prompt(r, stream, "req-a") == prompt
-    assert block_prefixes(r, stream, blocks) == [prompt, prompt + [40], prompt + [40, 41, 42, 43]]
+    assert _prompt(r, stream, "req-a") == prompt
+    assert _prefixes(r, stream, blocks) == [prompt, prompt + [40], prompt + [40, 41, 42, 43]]
     assert 0 < r.ttl(f"{stream}:ctx:req-a") <= 3600
-    assert read_prompt(r, stream, "never-seen") is None
+    assert _prompt(r, stream, "never-seen") is None
     logger.submit(_block())  # after close: dropped, not raised
     assert logger.dropped == 1
 
 
-def test_logger_from_settings() -> None:
-    s = get_settings()
-    logger = BlockLogger.from_settings(s)
-    assert (logger.stream, logger.maxlen) == (s.block_stream, s.block_stream_maxlen)
-    assert logger._queue.maxsize == s.block_queue_size
-    logger.close()
+def test_server_block_sink_logs_with_the_settings(r: redis.Redis, stream: str) -> None:
+    from service.api.deps import build_block_sink
+    from service.engine import BlockObservation
+
+    settings = get_settings().model_copy(update={"block_log": True, "block_stream": stream})
+    on_close: list = []
+    sink = build_block_sink(settings, Metrics(), "smollm2-135m-instruct", on_close)
+    rec = _block("req-s", position=2, draft=[], n_acc=0, next_token=40)
+    fields = {k: v for k, v in vars(rec).items() if k not in ("target_model", "schema_version")}
+    sink(BlockObservation(**fields, prompt_ids=[5, 6]))
+    for close in on_close:
+        close()
+    assert [decode(f) for _, f in r.xrange(stream)] == [rec]
+    assert _prefixes(r, stream, [rec]) == [[5, 6]]
 
 
 def test_lost_record_leaves_a_visible_hole(r: redis.Redis, stream: str) -> None:
@@ -173,15 +190,15 @@ def test_lost_record_leaves_a_visible_hole(r: redis.Redis, stream: str) -> None:
     for rec in (b2, PromptRecord("req-b", prompt), b0):  # b1 lost; order does not matter
         logger.submit(rec)
     logger.close()
-    assert block_prefixes(r, stream, [b0, b2]) == [prompt, None]
+    assert _prefixes(r, stream, [b0, b2]) == [prompt, None]
     # and without the prompt record nothing can be rebuilt
     logger = BlockLogger(URL, stream, maxlen=1000, queue_size=100)
     c0, c1, _ = _request_blocks("req-c", prompt)
     logger.submit(c0)
     logger.submit(c1)
     logger.close()
-    assert read_prompt(r, stream, "req-c") is None
-    assert block_prefixes(r, stream, [c0, c1]) == [None, None]
+    assert _prompt(r, stream, "req-c") is None
+    assert _prefixes(r, stream, [c0, c1]) == [None, None]
 
 
 def test_maxlen_trims_the_stream(r: redis.Redis, stream: str) -> None:
@@ -198,37 +215,45 @@ def test_consumer_group_ack_and_pending_reread(r: redis.Redis, stream: str) -> N
     for i in range(5):
         logger.submit(_block(step=i))
     logger.close()
-    group = "opd"
-    ensure_group(r, stream, group)
-    ensure_group(r, stream, group)  # idempotent
+    w1 = BlockConsumer(r, stream, "opd", "w1")
+    w1.ensure_group()
+    w1.ensure_group()  # idempotent
+    assert w1.waiting() == (5, 0)
 
-    first = read_blocks(r, stream, group, "w1", count=3)
-    assert [rec.step for _, rec in first] == [0, 1, 2]
-    # w1 "crashes" before acking: its next read hands back the same entries first
-    again = read_blocks(r, stream, group, "w1", count=10)
-    assert [eid for eid, _ in again] == [eid for eid, _ in first]
-    # another consumer does not steal them while they are fresh; it gets the new ones
-    other = read_blocks(r, stream, group, "w2", count=10, claim_idle_ms=60_000)
-    assert [rec.step for _, rec in other] == [3, 4]
-    ack(r, stream, group, [eid for eid, _ in other])
-    # w1 is gone for good: w2 claims its idle pending entries
-    time.sleep(0.05)
-    claimed = read_blocks(r, stream, group, "w2", count=10, claim_idle_ms=10)
-    assert [rec.step for _, rec in claimed] == [0, 1, 2]
-    assert ack(r, stream, group, [eid for eid, _ in claimed]) == 3
-    assert read_blocks(r, stream, group, "w2", count=10) == []
-    assert read_blocks(r, stream, group, "w1", count=10) == []
-    assert r.xpending(stream, group)["pending"] == 0
+    first, bad = w1.read(3)
+    assert [rec.step for _, rec in first] == [0, 1, 2] and bad == []
+    assert w1.waiting() == (2, 3)
+    assert w1.pending() == PendingSummary(3, first[0][0], first[-1][0])
+    # w1 "crashes" before acking: its next read hands back the same entries first, then new ones
+    again, _ = w1.read(10)
+    assert [eid for eid, _ in again[:3]] == [eid for eid, _ in first]
+    assert [rec.step for _, rec in again] == [0, 1, 2, 3, 4]
+    ids = [eid for eid, _ in again]
+    assert sorted(reversed(ids), key=entry_id_key) == ids
+    assert w1.pending_ids(10) == ids
+    # another consumer of the group gets neither w1's pending entries nor delivered ones
+    assert BlockConsumer(r, stream, "opd", "w2").read(10) == ([], [])
+    assert w1.ack(ids) == 5
+    assert w1.read(10) == ([], [])
+    assert w1.waiting() == (0, 0)
+    assert w1.pending().count == 0
 
 
-def test_unreadable_entries_are_acked_and_skipped(r: redis.Redis, stream: str) -> None:
-    group = "opd"
-    ensure_group(r, stream, group)
-    r.xadd(stream, {**encode(_block(step=0)), "schema_version": b"9"})
+def test_unreadable_entries_are_reported(r: redis.Redis, stream: str) -> None:
+    consumer = BlockConsumer(r, stream, "opd", "w1")
+    consumer.ensure_group()
+    bad_id = r.xadd(stream, {**encode(_block(step=0)), "schema_version": b"9"}).decode()
     r.xadd(stream, encode(_block(step=1)))
-    got = read_blocks(r, stream, group, "w1", count=10)
-    assert [rec.step for _, rec in got] == [1]
-    assert r.xpending(stream, group)["pending"] == 1
+    got, bad = consumer.read(10)
+    assert [rec.step for _, rec in got] == [1] and bad == [bad_id]
+    assert consumer.pending().count == 2  # nothing acked until the caller says so
+    assert consumer.ack(bad + [eid for eid, _ in got]) == 2
+    assert consumer.pending().count == 0
+    # an entry trimmed away while pending comes back as unusable, not as a record
+    trimmed = r.xadd(stream, encode(_block(step=2))).decode()
+    assert [eid for eid, _ in consumer.read(10)[0]] == [trimmed]
+    r.xdel(stream, trimmed)
+    assert consumer.read(10) == ([], [trimmed])
 
 
 def test_unreachable_redis_never_blocks_submit() -> None:

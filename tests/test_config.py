@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from service.config import Settings
 from worker.opd import OPDConfig
 from worker.sft import SFTConfig
-from worker.tasks import opd_config, sft_config
+from worker.update import opd_config, sft_config
 
 
 def test_trainer_overrides_parse_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

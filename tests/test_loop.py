@@ -36,6 +36,7 @@ import torch
 from celery import Celery
 
 from service import checkpoints
+from service.blocklog import BlockConsumer, entry_id_key
 from service.config import Settings
 from service.drafters import eagle3
 from service.engine import Engine
@@ -43,7 +44,7 @@ from service.metrics import Metrics
 from service.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
-from worker.tasks import GROUP
+from worker.update import GROUP
 
 from .conftest import ROOT, free_port
 
@@ -439,7 +440,7 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
 def test_update_waits_for_blocks_and_recognises_a_finished_run(redis_db: str, settings: Settings, target, tmp_path: Path):
     """Below DRAFTLOOP_OPD_MIN_BLOCKS nothing is consumed; a run that wrote its
     report but died before XACK is only acked by the next one, not retrained."""
-    from worker import tasks
+    from worker import reports, update
 
     ckdir, stream = tmp_path / "checkpoints", f"test-loop:{uuid.uuid4().hex[:8]}:blocks"
     r = redis.Redis.from_url(redis_db)
@@ -449,17 +450,18 @@ def test_update_waits_for_blocks_and_recognises_a_finished_run(redis_db: str, se
     n = write_blocks(target, head, redis_db, stream, n_prompts=1, reps=1)
     s = Settings(redis_url=redis_db, checkpoint_dir=ckdir, block_stream=stream, opd_min_blocks=n + 1, cache_dir=settings.cache_dir)
 
-    out = tasks.run_update(r, s, target)
+    consumer = BlockConsumer(r, stream, update.GROUP, update.CONSUMER)
+    out = update.run_update(r, s, target)
     assert out == {"status": "waiting", "blocks_waiting": n, "min_blocks": n + 1, "version": 1}
     assert checkpoints.read_pointer(r)["version"] == 1  # the version on disk was published for the servers
-    assert r.xpending(stream, tasks.GROUP)["pending"] == 0 and tasks.waiting_blocks(r, stream) == (n, 0)
+    assert r.xpending(stream, update.GROUP)["pending"] == 0 and consumer.waiting() == (n, 0)
 
     # a run read every block, wrote its report, and died before acking
-    entries, bad = tasks.read_entries(r, stream, tasks.GROUP, tasks.CONSUMER, 10_000)
-    ids = sorted([e for e, _ in entries] + bad, key=tasks._id_key)
-    assert len(ids) == n and tasks.waiting_blocks(r, stream) == (0, n)
-    tasks.write_report(ckdir, 1, {"kind": "opd", "status": "not_published", "stream": stream,
+    entries, bad = consumer.read(10_000)
+    ids = sorted([e for e, _ in entries] + bad, key=entry_id_key)
+    assert len(ids) == n and consumer.waiting() == (0, n)
+    reports.write_report(ckdir, 1, {"kind": "opd", "status": "not_published", "stream": stream,
                                   "entries": {"count": n, "first_id": ids[0], "last_id": ids[-1]}})
-    out = tasks.run_update(r, Settings(**{**s.model_dump(), "opd_min_blocks": 1}), target)
+    out = update.run_update(r, Settings(**{**s.model_dump(), "opd_min_blocks": 1}), target)
     assert out["status"] == "already_done" and out["acked"] == n
-    assert tasks.waiting_blocks(r, stream) == (0, 0) and len(eagle3.list_versions(ckdir)) == 1
+    assert consumer.waiting() == (0, 0) and len(eagle3.list_versions(ckdir)) == 1

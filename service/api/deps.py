@@ -57,7 +57,13 @@ def build_block_sink(
         return None
     from ..blocklog import BlockLogger, BlockRecord, PromptRecord
 
-    logger = BlockLogger.from_settings(settings, metrics)
+    logger = BlockLogger(
+        settings.redis_url,
+        settings.block_stream,
+        maxlen=settings.block_stream_maxlen,
+        queue_size=settings.block_queue_size,
+        metrics=metrics,
+    )
     on_close.append(lambda: logger.close(timeout=2.0))
 
     def sink(obs: BlockObservation) -> None:

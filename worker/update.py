@@ -1,0 +1,365 @@
+"""One Draft-OPD update of the eagle3 drafter from served traffic, as the
+Celery task `worker.tasks.opd_update` runs it (the self-improvement loop,
+docs/architecture.md).
+
+One run, under the Redis training lock (the caller holds it):
+1. No loadable eagle3 checkpoint for this target yet: the SFT bootstrap
+   (`worker.sft.train_sft`) trains one, it is published (version 1 on a fresh
+   store), and the run ends.
+2. Fewer than DRAFTLOOP_OPD_MIN_BLOCKS blocks waiting for the consumer group
+   (undelivered + pending, from XINFO GROUPS; nothing is consumed): return.
+3. Read the blocks with consumer group `opd` -- this consumer's pending entries
+   first (a run that crashed left them), then new ones, up to `MAX_BLOCKS`.
+4. Train from the version the servers serve (the Redis pointer; without one,
+   the newest loadable version on disk): `worker.opd.opd_update`, held-out
+   requests by a fixed hash of their ids.
+5. Publish version N+1 (checkpoint written atomically, then the pointer) only
+   when the held-out E[τ] is not worse than the serving version's.
+6. Write the run's JSON report (`worker.reports`), then XACK the blocks. A
+   crash anywhere before the ack leaves them pending, and the next run trains
+   on them; a crash between the report and the ack is recognised (same
+   pending entries as the last report) and only acks.
+
+Report fields: kind ("opd" | "sft_bootstrap"), status ("published" |
+"not_published" | "bootstrapped" | "no_usable_blocks"), published, pointer_moved
+(when published; false if an operator pinned the pointer), base_version,
+new_version, checkpoint, started_at, duration_s, stream, group, entries {count,
+first_id, last_id}, blocks {records, used, empty, no_context, stale,
+too_short, undecodable, train_blocks, train_requests, heldout_blocks,
+heldout_requests}, loss {epochs, first, last, heldout_before, heldout_after},
+tau_before, tau_after, eval {before, after}, train {steps, seconds,
+stopped_early}, config.
+
+Settings: DRAFTLOOP_REDIS_URL, _CHECKPOINT_DIR, _BLOCK_STREAM, _OPD_MIN_BLOCKS,
+_TARGET_MODEL (and the rest of the target's), _OPD_TRAIN (a JSON object of
+`worker.opd.OPDConfig` overrides) and _SFT_BOOTSTRAP (of `worker.sft.SFTConfig`
+overrides for the bootstrap; tests use a tiny one)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import redis
+
+from service import checkpoints
+from service.blocklog import BlockConsumer, BlockRecord, entry_id_key
+from service.config import Settings
+from service.drafters import eagle3
+
+from .app import TASK_SOFT_TIME_LIMIT_S
+from .opd import OPDConfig, opd_update as run_opd, save_update
+from .reports import latest_report, write_report
+from .sft import SFTConfig
+
+if TYPE_CHECKING:
+    from service.runtime import Target
+
+    from .opd import UpdateResult
+
+log = logging.getLogger(__name__)
+
+GROUP = "opd"
+# One consumer name for every worker: the training lock already serialises runs,
+# and a run after a crash must find the crashed run's pending entries as its own.
+CONSUMER = "trainer"
+MAX_BLOCKS = 4096  # per run; the rest waits for the next one
+# training stops early past this, leaving time to evaluate and save
+TRAIN_BUDGET_S = 0.5 * TASK_SOFT_TIME_LIMIT_S
+
+Progress = Callable[..., None]  # progress(phase, **info)
+
+_target_cache: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------
+# configuration
+
+
+def opd_config(settings: Settings) -> OPDConfig:
+    """The OPD training config: the task's time budget, then DRAFTLOOP_OPD_TRAIN overrides."""
+    return OPDConfig(**{"max_seconds": TRAIN_BUDGET_S, **settings.opd_train})
+
+
+def sft_config(settings: Settings) -> SFTConfig:
+    """The SFT bootstrap config (DRAFTLOOP_SFT_BOOTSTRAP overrides)."""
+    return SFTConfig(**settings.sft_bootstrap)
+
+
+def get_target(settings: Settings) -> Target:
+    """The target, loaded once per worker process."""
+    if settings.target_model not in _target_cache:
+        from service.runtime import load_target
+
+        _target_cache.clear()
+        _target_cache[settings.target_model] = load_target(settings)
+    return _target_cache[settings.target_model]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------
+# the serving version and the bootstrap
+
+
+def current_checkpoint(r: redis.Redis, settings: Settings, target) -> tuple[int, eagle3.Eagle3Head] | None:
+    """(version, head) the servers serve: the pointer's version; without a
+    usable pointer, the newest version on disk that loads for this target."""
+    pointer = checkpoints.read_pointer(r)
+    tried = set()
+    if pointer is not None and pointer.get("kind", checkpoints.DEFAULT_KIND) == checkpoints.DEFAULT_KIND:
+        version = int(pointer["version"])
+        local = checkpoints.version_path(settings.checkpoint_dir, version)
+        path = local if (local / checkpoints.MANIFEST_FILE).is_file() or not pointer.get("path") else Path(pointer["path"])
+        tried.add(version)
+        try:
+            head, _ = eagle3.load_head(path, target.model, target.model_id)
+            return version, head
+        except eagle3.CheckpointError as e:
+            log.error("the published drafter v%d does not load (%s); using the newest loadable one", version, e)
+    for version in reversed(checkpoints.list_versions(settings.checkpoint_dir)):
+        if version in tried:
+            continue
+        try:
+            head, _ = eagle3.load_head(checkpoints.version_path(settings.checkpoint_dir, version), target.model, target.model_id)
+        except eagle3.CheckpointError as e:
+            log.warning("skipping eagle3 v%d: %s", version, e)
+            continue
+        if pointer is None:  # servers have nothing to follow yet: point them at it
+            checkpoints.publish_version(r, version, checkpoints.version_path(settings.checkpoint_dir, version))
+        return version, head
+    return None
+
+
+def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Progress | None = None) -> dict[str, Any]:
+    """The SFT bootstrap: train the first drafter, publish it, report."""
+    from service.prompts import sharegpt_prompts
+
+    from .sft import train_sft
+
+    t0, started = time.perf_counter(), _now()
+    cfg = sft_config(settings)
+    log.info("no eagle3 drafter for %s yet: running the SFT bootstrap (%s)", target.model_id, asdict(cfg))
+    if progress:
+        progress("bootstrap", num_prompts=cfg.num_prompts, train_steps=cfg.train_steps)
+    prompts = list(sharegpt_prompts("train", limit=cfg.num_prompts))
+    result = train_sft(target, prompts, settings.checkpoint_dir, settings.cache_dir, cfg)
+    version = int(result.checkpoint.name.removeprefix("v"))
+    moved = checkpoints.publish_version(r, version, result.checkpoint)
+    report = {
+        "kind": "sft_bootstrap",
+        "status": "bootstrapped",
+        "published": True,
+        "pointer_moved": moved,
+        "base_version": None,
+        "new_version": version,
+        "checkpoint": str(result.checkpoint),
+        "target_model": target.model_id,
+        "started_at": started,
+        "duration_s": round(time.perf_counter() - t0, 2),
+        "tau_before": None,
+        "tau_after": result.tau,
+        "loss": {"last": result.history[-1]["loss"] if result.history else None},
+        "config": asdict(cfg),
+    }
+    write_report(settings.checkpoint_dir, version, report)
+    return report
+
+
+# ---------------------------------------------------------------------------
+# one OPD update
+
+
+@dataclass
+class _Batch:
+    """What one run read from the block log."""
+
+    ids: list[str]  # every entry id read, usable or not, in stream order: acked at the end
+    records: list[BlockRecord]
+    contexts: dict[str, np.ndarray]  # request id -> (T,) int64 logged token ids, -1 where missing
+    undecodable: int
+
+
+def run_update(
+    r: redis.Redis, settings: Settings, target: Target | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """One opd_update run (the caller holds the training lock). Returns a
+    summary: the report, or {"status": "waiting" | "already_done", ...}."""
+    target = target or get_target(settings)
+    stream, t0, started = settings.block_stream, time.perf_counter(), _now()
+    current = current_checkpoint(r, settings, target)
+    if current is None:
+        return bootstrap(r, settings, target, progress)
+    version, head = current
+
+    consumer = BlockConsumer(r, stream, GROUP, CONSUMER)
+    not_now = _nothing_to_train(consumer, settings, version)
+    if not_now is not None:
+        return not_now
+    if progress:
+        progress("reading", version=version)
+    batch = _read_batch(consumer, version)
+
+    cfg = opd_config(settings)
+    result = run_opd(
+        head, target.model, batch.records, batch.contexts, version, target.model_id, cfg, progress
+    )
+    report = _opd_report(result, batch, cfg, version, target.model_id, started, stream)
+    report_version = _publish_if_better(r, settings, result, report, target.model_id, progress)
+    report["duration_s"] = round(time.perf_counter() - t0, 2)
+    write_report(settings.checkpoint_dir, report_version, report)
+    acked = consumer.ack(batch.ids)  # only now: the outcome is on disk (and in the pointer)
+    log.info(
+        "opd: %s (v%d -> %s), E[τ] %s -> %s, %d blocks acked, %.1f s",
+        report["status"],
+        version,
+        report["new_version"],
+        result.before.tau,
+        result.after.tau,
+        acked,
+        report["duration_s"],
+    )
+    return report
+
+
+def _nothing_to_train(consumer: BlockConsumer, settings: Settings, version: int) -> dict[str, Any] | None:
+    """The run's summary when it ends before reading: too few blocks waiting,
+    or the pending ones are a finished run's; None when there is work."""
+    consumer.ensure_group()
+    undelivered, pending = consumer.waiting(at_least=settings.opd_min_blocks)
+    waiting = undelivered + pending
+    if waiting < settings.opd_min_blocks:
+        log.info(
+            "opd: %d blocks waiting (%d pending), fewer than %d: nothing to do",
+            waiting,
+            pending,
+            settings.opd_min_blocks,
+        )
+        return {
+            "status": "waiting",
+            "blocks_waiting": waiting,
+            "min_blocks": settings.opd_min_blocks,
+            "version": version,
+        }
+    if pending:
+        return _finished_but_unacked(consumer, settings)
+    return None
+
+
+def _read_batch(consumer: BlockConsumer, version: int) -> _Batch:
+    """Up to MAX_BLOCKS records (pending first) and their requests' token contexts."""
+    entries, bad = consumer.read(MAX_BLOCKS)
+    ids = sorted([eid for eid, _ in entries] + bad, key=entry_id_key)
+    records = [rec for _, rec in entries]
+    found = consumer.read_contexts(rec.request_id for rec in records)
+    contexts = {rid: ctx.tokens for rid, ctx in found.items()}
+    log.info("opd: read %d block records (%d unusable) for v%d", len(records), len(bad), version)
+    return _Batch(ids, records, contexts, len(bad))
+
+
+def _opd_report(
+    result: UpdateResult,
+    batch: _Batch,
+    cfg: OPDConfig,
+    version: int,
+    target_model: str,
+    started: str,
+    stream: str,
+) -> dict[str, Any]:
+    """The report of an OPD run, before its outcome (status, new version) is known."""
+    ids = batch.ids
+    return {
+        "kind": "opd",
+        "base_version": version,
+        "new_version": None,
+        "checkpoint": None,
+        "target_model": target_model,
+        "started_at": started,
+        "stream": stream,
+        "group": GROUP,
+        "entries": {
+            "count": len(ids),
+            "first_id": ids[0] if ids else None,
+            "last_id": ids[-1] if ids else None,
+        },
+        "blocks": {
+            **result.stats.as_dict(),
+            "undecodable": batch.undecodable,
+            "train_blocks": result.train_blocks,
+            "train_requests": result.train_requests,
+            "heldout_blocks": result.after.blocks,
+            "heldout_requests": result.heldout_requests,
+        },
+        "loss": {
+            "epochs": result.train.epoch_loss,
+            "first": result.train.history[0]["loss"] if result.train.history else None,
+            "last": result.train.history[-1]["loss"] if result.train.history else None,
+            "heldout_before": result.before.loss,
+            "heldout_after": result.after.loss,
+        },
+        "tau_before": result.before.tau,
+        "tau_after": result.after.tau,
+        "eval": {"before": result.before.as_dict(), "after": result.after.as_dict()},
+        "train": {
+            "steps": result.train.steps,
+            "seconds": round(result.train.seconds, 2),
+            "stopped_early": result.train.stopped_early,
+        },
+        "config": asdict(cfg),
+    }
+
+
+def _publish_if_better(
+    r: redis.Redis,
+    settings: Settings,
+    result: UpdateResult,
+    report: dict[str, Any],
+    target_model: str,
+    progress: Progress | None,
+) -> int:
+    """Save and publish the trained head when it did not get worse on the
+    held-out requests; records the outcome in `report`. Returns the version
+    the report is filed under."""
+    version = report["base_version"]
+    if result.train_blocks == 0:
+        report["status"], report["published"] = "no_usable_blocks", False
+        return version
+    if not result.improved:
+        report["status"], report["published"] = "not_published", False
+        log.info("opd: not publishing: held-out E[τ] %s -> %s", result.before.tau, result.after.tau)
+        return version
+    if progress:
+        progress("publishing", tau_before=result.before.tau, tau_after=result.after.tau)
+    meta = {key: report[key] for key in ("config", "stream", "entries", "eval", "loss")}
+    path = save_update(result, settings.checkpoint_dir, target_model, version, meta)
+    new_version = int(path.name.removeprefix("v"))
+    report["pointer_moved"] = checkpoints.publish_version(r, new_version, path)
+    report.update(status="published", published=True, new_version=new_version, checkpoint=str(path))
+    return new_version
+
+
+def _finished_but_unacked(consumer: BlockConsumer, settings: Settings) -> dict[str, Any] | None:
+    """A run that wrote its report but died before XACK leaves exactly its
+    entries pending: ack them instead of training on them twice."""
+    last = latest_report(settings.checkpoint_dir)
+    if not last or last.get("kind") != "opd" or last.get("stream") != consumer.stream:
+        return None
+    pending = consumer.pending()
+    reported = last.get("entries") or {}
+    if pending.count and (pending.count, pending.first_id, pending.last_id) == (
+        reported.get("count"), reported.get("first_id"), reported.get("last_id")
+    ):
+        acked = consumer.ack(consumer.pending_ids(pending.count))
+        log.warning(
+            "opd: the last run (%s) finished but did not ack; acked its %d entries", last.get("status"), acked
+        )
+        return {"status": "already_done", "acked": acked, "report": last}
+    return None
