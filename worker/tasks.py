@@ -53,6 +53,7 @@ from celery import Task
 from service import blocklog, checkpoints
 from service.config import Settings, get_settings
 from service.drafters import eagle3
+from service.fileutil import fsync_path
 
 from .app import OPD_UPDATE_TASK, TASK_SOFT_TIME_LIMIT_S, app
 from .lock import training_lock
@@ -168,31 +169,17 @@ def _id_key(entry_id: str) -> tuple[int, int]:
 
 def current_checkpoint(r: redis.Redis, settings: Settings, target) -> tuple[int, eagle3.Eagle3Head] | None:
     """(version, head) the servers serve: the pointer's version; without a
-    usable pointer, the newest version on disk that loads for this target."""
+    usable pointer, the newest version on disk that loads for this target
+    (published when there was no pointer, so the servers have one to follow)."""
     pointer = checkpoints.read_pointer(r)
-    tried = set()
-    if pointer is not None and pointer.get("kind", checkpoints.DEFAULT_KIND) == checkpoints.DEFAULT_KIND:
-        version = int(pointer["version"])
-        local = checkpoints.version_path(settings.checkpoint_dir, version)
-        path = local if (local / checkpoints.MANIFEST_FILE).is_file() or not pointer.get("path") else Path(pointer["path"])
-        tried.add(version)
-        try:
-            head, _ = eagle3.load_head(path, target.model, target.model_id)
-            return version, head
-        except eagle3.CheckpointError as e:
-            log.error("the published drafter v%d does not load (%s); using the newest loadable one", version, e)
-    for version in reversed(checkpoints.list_versions(settings.checkpoint_dir)):
-        if version in tried:
-            continue
-        try:
-            head, _ = eagle3.load_head(checkpoints.version_path(settings.checkpoint_dir, version), target.model, target.model_id)
-        except eagle3.CheckpointError as e:
-            log.warning("skipping eagle3 v%d: %s", version, e)
-            continue
-        if pointer is None:  # servers have nothing to follow yet: point them at it
-            checkpoints.publish_version(r, version, checkpoints.version_path(settings.checkpoint_dir, version))
-        return version, head
-    return None
+    found = checkpoints.load_current(
+        pointer, settings.checkpoint_dir, lambda path: eagle3.load_head(path, target.model, target.model_id)[0]
+    )
+    if found is None:
+        return None
+    if pointer is None:  # servers have nothing to follow yet: point them at it
+        checkpoints.publish_version(r, found.version, found.path)
+    return found.version, found.value
 
 
 def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> Path:
@@ -203,9 +190,9 @@ def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> 
     path = folder / f"{stamp}-v{version}.json"
     tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    eagle3.fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    eagle3.fsync_path(folder)
+    fsync_path(folder)
     log.info("report %s", path)
     return path
 
