@@ -201,22 +201,22 @@ class DrafterReloader:
         if self._serving(kind, version):
             return False
         path = checkpoints.resolve_path(self.settings.checkpoint_dir, version, pointer.get("path"), kind)
-        fp = fingerprint(path)
-        key = (kind, version, str(path), fp)
+        files = fingerprint(path)
+        key = (kind, version, str(path), files)
         if key in self._refused:
             log.debug("drafter %s v%d was refused before and is unchanged; not retrying", kind, version)
             return False
         try:
             drafter = self._load(kind, version, path)
         except CheckpointRefused as exc:
-            self._refused[key] = Refusal(kind, version, str(path), fp, str(exc))
+            self._refused[key] = Refusal(kind, version, str(path), files, str(exc))
             return False
         self._swap(drafter)
         return True
 
     def _serving(self, kind: str, version: int) -> bool:
-        d = self.engine.drafter
-        return d.kind == kind and str(d.version) == str(version)
+        serving = self.engine.drafter
+        return serving.kind == kind and str(serving.version) == str(version)
 
     def _load(self, kind: str, version: int, path: Path) -> Drafter:
         """Load (never swap); any failure becomes CheckpointRefused, counted and logged."""

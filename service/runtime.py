@@ -75,15 +75,15 @@ def load_target(settings: Settings) -> Target:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model = load_llama(path, dtype=dtype, device=device, max_len=settings.max_model_len + 64)
-    tok = AutoTokenizer.from_pretrained(path)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     eos |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
     name = settings.served_model_name or (
         DEFAULT_MODEL if settings.target_model == DEFAULT_MODEL else Path(settings.target_model).name
     )
     log.info("target %s loaded from %s on %s/%s", name, path, device, dtype)
-    return Target(model, tok, path, name, settings.target_model, eos)
+    return Target(model, tokenizer, path, name, settings.target_model, eos)
 
 
 def load_published_drafter(

@@ -2,87 +2,31 @@
 version (pinned or not) loads exactly that version first, never the newest
 one on disk; without a pointer (or with Redis down) it serves the newest
 version that loads. Real eagle3 checkpoints of the default target, the real
-Redis with a namespace per test."""
+Redis with a namespace per test (fixtures shared with test_reload)."""
 
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
-import torch
 from fastapi.testclient import TestClient
 
 from service import checkpoints
 from service.api.app import create_app
 from service.config import Settings
-from service.drafters import eagle3, registry
-from service.drafters.base import Drafter
+from service.drafters import registry
 from service.drafters.ngram import NgramDrafter
-from service.metrics import Metrics
 from service.runtime import build_drafter, load_state
 
 from .conftest import free_port
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture(scope="module")
-def rds() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    return client
-
-
-@pytest.fixture
-def ns(rds: redis.Redis) -> Iterator[str]:
-    name = f"test-startup-{uuid.uuid4().hex[:8]}"
-    yield name
-    for key in rds.scan_iter(f"{name}:*"):
-        rds.delete(key)
-
-
-@pytest.fixture(scope="module")
-def head(target) -> eagle3.Eagle3Head:
-    cfg = eagle3.Eagle3Config.for_target(target.model.cfg, draft_vocab_size=2048)
-    h = eagle3.Eagle3Head(cfg)
-    h.reset_parameters(torch.Generator().manual_seed(0))
-    return h
-
-
-@pytest.fixture
-def ckdir(tmp_path: Path) -> Path:
-    return tmp_path / "checkpoints"
-
-
-@pytest.fixture
-def save(head, target, ckdir: Path) -> Callable[[], Path]:
-    """Writes the next version with the real eagle3 writer -> its directory."""
-    return lambda: eagle3.save_checkpoint(head, ckdir, target.model_id)
-
-
-class CountingLoader:
-    """The registry's real eagle3 loader, counting loads per version directory."""
-
-    def __init__(self, real: registry.Loader) -> None:
-        self.real = real
-        self.calls: dict[str, int] = {}
-
-    def __call__(self, path: Path, target) -> Drafter:
-        self.calls[path.name] = self.calls.get(path.name, 0) + 1
-        return self.real(path, target)
+from .test_reload import REDIS_URL, CountingLoader, ckdir, head, ns, rds, reloads, save  # noqa: F401 (shared fixtures)
 
 
 @pytest.fixture
 def loads(monkeypatch: pytest.MonkeyPatch) -> CountingLoader:
     """Every eagle3 load through the registry (start-up and reloader) is counted."""
-    counter = CountingLoader(registry.LOADERS["eagle3"])
+    counter = CountingLoader()
     monkeypatch.setitem(registry.LOADERS, "eagle3", counter)
     return counter
 
@@ -91,15 +35,11 @@ def make_settings(ckdir: Path, drafter: str = "auto", url: str = REDIS_URL) -> S
     return Settings(checkpoint_dir=ckdir, redis_url=url, drafter=drafter, block_log=False)
 
 
-def reloads(metrics: Metrics, outcome: str) -> float:
-    return metrics.drafter_reloads.labels(outcome=outcome)._value.get()
-
-
 @pytest.mark.parametrize("pinned", [True, False])
 def test_pointer_to_an_older_version_is_served_from_the_start(
     rds, ns, target, save, ckdir: Path, loads: CountingLoader, pinned: bool
 ) -> None:
-    v1, v2 = save(), save()
+    (_, v1), (_, v2) = save(), save()
     assert checkpoints.list_versions(ckdir) == [1, 2]
     checkpoints.publish_version(rds, 1, v1, pinned=pinned, namespace=ns)
 
@@ -125,7 +65,7 @@ def test_pointer_to_an_older_version_is_served_from_the_start(
 
 def test_no_pointer_serves_the_newest_valid_version(rds, ns, target, save, ckdir: Path, loads, caplog) -> None:
     save(), save()
-    v3 = save()
+    _, v3 = save()
     manifest = v3 / checkpoints.MANIFEST_FILE
     manifest.write_text(manifest.read_text().replace('"weights_sha256": "', '"weights_sha256": "00'))
     assert checkpoints.read_pointer(rds, ns) is None

@@ -31,18 +31,6 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 KIND_DIR = "eagle3"
 
-__all__ = [
-    "FORMAT",
-    "FORMAT_VERSION",
-    "KIND_DIR",
-    "MANIFEST_FILE",
-    "WEIGHTS_FILE",
-    "CheckpointError",
-    "load_checkpoint",
-    "load_head",
-    "read_manifest",
-    "save_checkpoint",
-]
 
 
 def save_checkpoint(
