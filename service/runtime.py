@@ -152,7 +152,8 @@ def build_drafter(
 def build_draft_model(settings: Settings, target: Target) -> DraftModelDrafter:
     """A separate small draft model, or (none set) the target's first layers."""
     if settings.draft_model is None:
-        return DraftModelDrafter(target.model, settings.draft_model_layers, name=f"first-{settings.draft_model_layers}-layers")
+        layers = settings.draft_model_layers
+        return DraftModelDrafter(target.model, layers, name=f"first-{layers}-layers")
     draft = load_llama(
         local_model_dir(settings.draft_model, settings),
         dtype=target.model.dtype,
@@ -246,4 +247,6 @@ def load_state(
         settings.max_num_seqs,
     )
     async_engine = AsyncEngine(engine, settings.max_queue)
-    return ServerState(settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace)
+    return ServerState(
+        settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace
+    )

@@ -20,7 +20,16 @@ from service.drafters.ngram import NgramDrafter
 from service.runtime import build_drafter, load_state
 
 from .conftest import free_port
-from .test_reload import REDIS_URL, CountingLoader, ckdir, head, ns, rds, reloads, save  # noqa: F401 (shared fixtures)
+from .test_reload import (  # noqa: F401 (fixtures shared with test_reload)
+    REDIS_URL,
+    CountingLoader,
+    ckdir,
+    head,
+    ns,
+    rds,
+    reloads,
+    save,
+)
 
 
 @pytest.fixture

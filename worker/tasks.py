@@ -172,9 +172,10 @@ def current_checkpoint(r: redis.Redis, settings: Settings, target) -> tuple[int,
     usable pointer, the newest version on disk that loads for this target
     (published when there was no pointer, so the servers have one to follow)."""
     pointer = checkpoints.read_pointer(r)
-    found = checkpoints.load_current(
-        pointer, settings.checkpoint_dir, lambda path: eagle3.load_head(path, target.model, target.model_id)[0]
-    )
+    def load(path: Path) -> eagle3.Eagle3Head:
+        return eagle3.load_head(path, target.model, target.model_id)[0]
+
+    found = checkpoints.load_current(pointer, settings.checkpoint_dir, load)
     if found is None:
         return None
     if pointer is None:  # servers have nothing to follow yet: point them at it

@@ -107,5 +107,7 @@ def load_current(
         try:
             return Loaded(kind, version, path, load(path), from_pointer=True)
         except CheckpointError as exc:
-            log.error("the published drafter %s v%d does not load (%s); using the newest loadable one", kind, version, exc)
+            log.error(
+                "the published drafter %s v%d does not load (%s); using the newest loadable one", kind, version, exc
+            )
     return load_newest(checkpoint_dir, load, kind, skip=tried)

@@ -222,7 +222,8 @@ class Eagle3Head(nn.Module):
             keys.append(k.unsqueeze(2))
             values.append(v.unsqueeze(2))
             out = _unrolled_attention(q.view(batch, kv, groups, t, hd), keys, values, allowed)
-            hidden = self._finish(hidden, out.reshape(batch, kv * groups, t, hd).transpose(1, 2).reshape(batch, t, kv * groups * hd))
+            out = out.reshape(batch, kv * groups, t, hd).transpose(1, 2).reshape(batch, t, kv * groups * hd)
+            hidden = self._finish(hidden, out)
             outs.append(hidden)
         return torch.stack(outs)
 
