@@ -4,7 +4,7 @@
 
 Two engines on the same target and drafter serve the same held-out prompts,
 interleaved repetition by repetition (`benchmarks.speedup.measure`): one with
-no block sink, one with the server's own sink (`service.api.deps.
+no block sink, one with the server's own sink (`service.runtime.
 build_block_sink`: top-k of the target's distributions on the decode path, a
 bounded queue, the writer thread encoding and pipelining to a real Redis). The
 goal (issue #4): the two within 3 %. The records go to a throwaway stream,
@@ -21,11 +21,10 @@ from pathlib import Path
 import redis
 
 from benchmarks.speedup import EngineMethod, device_name, measure
-from service.api.deps import build_block_sink
 from service.config import Settings
 from service.metrics import Metrics
 from service.prompts import chat_ids, eval_prompts
-from service.runtime import build_drafter, load_target
+from service.runtime import build_block_sink, build_drafter, load_target
 
 log = logging.getLogger("benchmarks.blocklog_overhead")
 GOAL = 0.03

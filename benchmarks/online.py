@@ -50,9 +50,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.speedup import EngineMethod, device_name, measure
+from service import checkpoints
 from service.config import Settings, trainer_overrides
 from service.drafters import eagle3
-from service.engine import NoDrafter
+from service.drafters.none import NoDrafter
 from service.prompts import chat_ids, eval_prompts, sharegpt_exchanges, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
@@ -84,7 +85,8 @@ class Version:
 
 def newest_sft(checkpoint_dir: Path, target: Target) -> tuple[Path, dict[str, Any]]:
     """The newest eagle3 checkpoint trained by SFT that loads for `target`."""
-    for number, path in reversed(eagle3.list_versions(checkpoint_dir)):
+    for number in reversed(checkpoints.list_versions(checkpoint_dir)):
+        path = checkpoints.version_path(checkpoint_dir, number)
         try:
             manifest = eagle3.read_manifest(path)
             if manifest.get("trainer") == "sft":

@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from service import checkpoints
 from service.config import Settings
 from service.drafters import eagle3
 from service.prompts import chat_ids, sharegpt_prompts
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     settings = Settings(dtype=args.dtype)
     target = load_target(settings)
-    versions = eagle3.list_versions(settings.checkpoint_dir)
+    versions = checkpoints.list_versions(settings.checkpoint_dir)
     if not versions:
         raise SystemExit(f"no eagle3 checkpoint in {settings.checkpoint_dir}: run `draftloop train-sft` first")
-    version, path = versions[-1]
+    version = versions[-1]
+    path = checkpoints.version_path(settings.checkpoint_dir, version)
     drafter = eagle3.load_checkpoint(path, target)
     drafter.min_confidence = args.min_confidence
     head, _ = eagle3.load_head(path, target.model, target.model_id)  # float32 copy, as the worker trains

@@ -66,7 +66,8 @@ import torch
 from benchmarks.speedup import EngineMethod, device_name, measure, strip_eos
 from service.config import Settings
 from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3Drafter, Eagle3Head
-from service.engine import NoDrafter, StepTiming
+from service.drafters.none import NoDrafter
+from service.engine import StepTiming
 from service.metrics import SpecDecodeStats
 from service.prompts import chat_ids, eval_prompts, sharegpt_prompts
 from service.runtime import Target, load_target

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import torch
 
+from service import checkpoints
 from service.config import Settings
 from service.drafters.base import Drafter
 from service.drafters.draft_model import DraftModelDrafter
 from service.drafters.ngram import NgramDrafter
-from service.engine import Engine, NoDrafter
+from service.drafters.none import NoDrafter
+from service.engine import Engine
 from service.prompts import chat_ids, eval_prompts
 from service.runtime import Target, load_target, pick_device
 from service.sampling import SamplingParams
@@ -115,9 +117,10 @@ def build_methods(target: Target, settings: Settings, k: int, kinds: list[str], 
             layers = settings.draft_model_layers
             methods.append(EngineMethod("draft_model", target, DraftModelDrafter(target.model, layers), k))
         elif kind == "eagle3":
-            from service.drafters import eagle3
+            from service.drafters import registry
 
-            drafter = eagle3.load_latest(settings.checkpoint_dir, target)
+            newest = checkpoints.load_newest(settings.checkpoint_dir, lambda path: registry.load("eagle3", path, target))
+            drafter = newest.value if newest is not None else None
             if drafter is None:
                 log.warning("no eagle3 checkpoint in %s: eagle3 row skipped", settings.checkpoint_dir)
                 continue

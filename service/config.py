@@ -32,7 +32,9 @@ class Settings(BaseSettings):
     max_model_len: int = 2048
 
     # speculative decoding
-    drafter: str = "auto"  # auto (newest eagle3 checkpoint, else ngram) | eagle3 | draft_model | ngram | none
+    # auto (the eagle3 version the Redis pointer names, else the newest on disk, else ngram)
+    # | eagle3 | draft_model | ngram | none
+    drafter: str = "auto"
     num_speculative_tokens: int = Field(4, ge=0, le=16)
     draft_model: str | None = None  # for drafter=draft_model; None = the target's first layers
     draft_model_layers: int = 4

@@ -84,15 +84,6 @@ class StepTiming:
         return {k: 1000 * v / n for k, v in (("draft", self.draft_s), ("verify", self.verify_s), ("other", self.other_s))}
 
 
-class NoDrafter(Drafter):
-    """Target-only decoding: never drafts."""
-
-    kind = "none"
-
-    def propose(self, seq, k, params, gen) -> Proposal:
-        return Proposal([], None, [])
-
-
 class Engine:
     def __init__(
         self,

@@ -90,6 +90,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def cached_attention(
+    q: Tensor,  # (h, T, hd) queries of the T new positions, RoPE applied
+    k: Tensor,  # (kv, T, hd) their keys, RoPE applied
+    v: Tensor,  # (kv, T, hd) their values
+    k_cache: Tensor,  # (kv, capacity, hd) one layer's keys
+    v_cache: Tensor,  # (kv, capacity, hd)
+    start: int,  # cache slot of the first new position
+    mask: Tensor | None,  # (T, start+T) bool (`causal_mask`), None when T == 1
+) -> Tensor:
+    """Writes the new keys/values at start..start+T-1 and attends over the
+    cached prefix 0..start+T-1 (grouped-query when kv < h) -> (T, h*hd).
+    Shared by the target's layers and the EAGLE-3 head's cached step."""
+    heads, t, head_dim = q.shape
+    end = start + t
+    k_cache[:, start:end] = k
+    v_cache[:, start:end] = v
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(0),
+        k_cache[:, :end].unsqueeze(0),
+        v_cache[:, :end].unsqueeze(0),
+        attn_mask=mask,
+        enable_gqa=heads != k.shape[0],
+    )
+    return out[0].transpose(0, 1).reshape(t, heads * head_dim)
+
+
 class KVCache:
     """Per-sequence keys/values, (layers, kv_heads, capacity, hd) each; `length`
     is how many positions are valid, so a rollback is one assignment."""
@@ -135,17 +161,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        end = start + t
-        k_cache[:, start:end] = k
-        v_cache[:, start:end] = v
-        out = F.scaled_dot_product_attention(
-            q.unsqueeze(0),
-            k_cache[:, :end].unsqueeze(0),
-            v_cache[:, :end].unsqueeze(0),
-            attn_mask=mask,
-            enable_gqa=self.h != self.kv,
-        )
-        return self.o_proj(out[0].transpose(0, 1).reshape(t, self.h * self.hd))
+        return self.o_proj(cached_attention(q, k, v, k_cache, v_cache, start, mask))
 
 
 class MLP(nn.Module):

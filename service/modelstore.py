@@ -4,7 +4,6 @@ float32 safetensors folder, or any Hugging Face folder / hub id."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -14,6 +13,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from .config import DEFAULT_MODEL, Settings
+from .fileutil import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -23,14 +23,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 EOS_TOKEN = "<|im_end|>"
 DONE_MARKER = "draftloop-model.json"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_path() -> Path:

@@ -1,5 +1,5 @@
-"""Hot reload of the drafter (DESIGN §8): follow the Redis pointer of
-`service.checkpoints` and swap new versions into the engine while it serves.
+"""Hot reload of the drafter (docs/architecture.md): follow the Redis pointer
+of `service.checkpoints` and swap new versions into the engine while it serves.
 
 A daemon thread subscribes to `{ns}:drafter:updates` and, as the fallback for
 a missed message or a restarted Redis, re-reads `{ns}:drafter:current` every
@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,15 +34,14 @@ from redis import Redis, RedisError
 
 from . import checkpoints
 from .config import Settings
+from .drafters import registry
 from .drafters.base import Drafter
+from .drafters.registry import Loader
 from .engine import Engine
 from .metrics import Metrics
-from .runtime import Target
+from .runtime import FOLLOWING_KINDS, Target
 
 log = logging.getLogger(__name__)
-
-Loader = Callable[[Path, Target], Drafter]
-FOLLOWING_KINDS = ("auto", "eagle3")  # DRAFTLOOP_DRAFTER values that follow the pointer
 
 
 class ReloadError(Exception):
@@ -70,12 +69,6 @@ class Refusal:
     reason: str
 
 
-def _default_loader(path: Path, target: Target) -> Drafter:
-    from .drafters import eagle3  # torch-heavy; imported on first use
-
-    return eagle3.load_checkpoint(path, target)
-
-
 def fingerprint(path: Path) -> tuple | None:
     """Cheap identity of a checkpoint directory's contents (no hashing): the
     refusal memory retries a version only when this changes."""
@@ -101,7 +94,7 @@ class DrafterReloader:
         poll_interval_s: float = 5.0,
         max_backoff_s: float = 30.0,
         redis: Redis | None = None,
-        loaders: dict[str, Loader] | None = None,
+        loaders: Mapping[str, Loader] | None = None,  # None: the drafter registry
     ):
         self.engine = engine
         self.target = target
@@ -113,7 +106,7 @@ class DrafterReloader:
         self.redis = redis or Redis.from_url(
             settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0
         )
-        self.loaders: dict[str, Loader] = loaders or {"eagle3": _default_loader}
+        self.loaders: Mapping[str, Loader] = loaders or registry.LOADERS
         self.follow = settings.drafter in FOLLOWING_KINDS
         self._lock = threading.RLock()  # one load + swap at a time (thread and admin API)
         self._refused: dict[tuple, Refusal] = {}
@@ -204,42 +197,32 @@ class DrafterReloader:
             return self._apply(pointer)
 
     def _apply(self, pointer: dict[str, Any]) -> bool:
-        kind, version = str(pointer.get("kind") or checkpoints.DEFAULT_KIND), int(pointer["version"])
+        kind, version = checkpoints.pointer_kind(pointer), int(pointer["version"])
         if self._serving(kind, version):
             return False
-        path = self._resolve(kind, version, pointer.get("path"))
-        fp = fingerprint(path)
-        key = (kind, version, str(path), fp)
+        path = checkpoints.resolve_path(self.settings.checkpoint_dir, version, pointer.get("path"), kind)
+        files = fingerprint(path)
+        key = (kind, version, str(path), files)
         if key in self._refused:
             log.debug("drafter %s v%d was refused before and is unchanged; not retrying", kind, version)
             return False
         try:
             drafter = self._load(kind, version, path)
         except CheckpointRefused as exc:
-            self._refused[key] = Refusal(kind, version, str(path), fp, str(exc))
+            self._refused[key] = Refusal(kind, version, str(path), files, str(exc))
             return False
         self._swap(drafter)
         return True
 
     def _serving(self, kind: str, version: int) -> bool:
-        d = self.engine.drafter
-        return d.kind == kind and str(d.version) == str(version)
-
-    def _resolve(self, kind: str, version: int, pointer_path: str | None) -> Path:
-        """This server's own copy (`<checkpoint_dir>/<kind>/v{N}`) when it is
-        complete, else the path the publisher wrote (another mount)."""
-        local = checkpoints.version_path(self.settings.checkpoint_dir, version, kind)
-        if (local / checkpoints.MANIFEST_FILE).is_file() or not pointer_path:
-            return local
-        return Path(pointer_path)
+        serving = self.engine.drafter
+        return serving.kind == kind and str(serving.version) == str(version)
 
     def _load(self, kind: str, version: int, path: Path) -> Drafter:
         """Load (never swap); any failure becomes CheckpointRefused, counted and logged."""
         t0 = time.perf_counter()
         try:
-            loader = self.loaders.get(kind)
-            if loader is None:
-                raise ValueError(f"no loader for drafter kind {kind!r}")
+            loader = registry.loader_for(kind, self.loaders)
             if not path.is_dir():
                 raise FileNotFoundError(f"{path}: no such checkpoint directory")
             drafter = loader(path, self.target)
@@ -325,7 +308,7 @@ class DrafterReloader:
             "serving": self.engine.drafter.describe(),
             "following": self.follow,
             "running": self.running,
-            "versions": checkpoints.list_versions(self.settings.checkpoint_dir),
+            "versions": checkpoints.list_versions(self.settings.checkpoint_dir, checkpoints.DEFAULT_KIND),
             "refused": [
                 {"version": r.version, "path": r.path, "reason": r.reason}
                 for r in list(self._refused.values())

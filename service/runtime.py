@@ -1,24 +1,37 @@
-"""Builds what the server runs from Settings: tokenizer, target, drafter, engine."""
+"""Builds what the server runs from Settings: tokenizer and target, the
+drafter (following the Redis pointer at start-up), the block sink, the engine
+and the `ServerState` the API serves from. The one place the server is
+assembled; imports no web framework."""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from redis import Redis
 
+from . import checkpoints
+from .async_engine import AsyncEngine
 from .config import DEFAULT_MODEL, Settings
+from .drafters import registry
 from .drafters.base import Drafter
 from .drafters.draft_model import DraftModelDrafter
 from .drafters.ngram import NgramDrafter
-from .engine import NoDrafter
+from .drafters.none import NoDrafter
+from .blocklog.record import BlockObservation
+from .engine import Engine
 from .llama import LlamaModel, load_llama
+from .metrics import Metrics
 from .modelstore import resolve_model
 
 log = logging.getLogger(__name__)
 
+FOLLOWING_KINDS = ("auto", "eagle3")  # DRAFTLOOP_DRAFTER values that follow the pointer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -63,26 +76,62 @@ def load_target(settings: Settings) -> Target:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model = load_llama(path, dtype=dtype, device=device, max_len=settings.max_model_len + 64)
-    tok = AutoTokenizer.from_pretrained(path)
-    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
     eos |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
     name = settings.served_model_name or (
         DEFAULT_MODEL if settings.target_model == DEFAULT_MODEL else Path(settings.target_model).name
     )
     log.info("target %s loaded from %s on %s/%s", name, path, device, dtype)
-    return Target(model, tok, path, name, settings.target_model, eos)
+    return Target(model, tokenizer, path, name, settings.target_model, eos)
 
 
-def build_drafter(settings: Settings, target: Target) -> Drafter:
-    """`auto`: the newest eagle3 checkpoint in the checkpoint directory, else ngram."""
+def load_published_drafter(
+    settings: Settings,
+    target: Target,
+    redis: Redis | None = None,
+    namespace: str = checkpoints.DEFAULT_NAMESPACE,
+) -> Drafter | None:
+    """The eagle3 version the Redis pointer names, pinned or not; without a
+    pointer (or with Redis down: logged), the newest version on disk that
+    loads. None when no version loads. See checkpoints.resolve."""
+    client = redis or Redis.from_url(settings.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        pointer = checkpoints.read_pointer_at_startup(client, namespace)
+    finally:
+        if redis is None:
+            client.close()
+    kind = checkpoints.DEFAULT_KIND
+    found = checkpoints.load_current(
+        pointer, settings.checkpoint_dir, lambda path: registry.load(kind, path, target), kind
+    )
+    if found is None:
+        return None
+    log.info(
+        "start-up drafter: %s v%d from %s (%s)",
+        kind,
+        found.version,
+        found.path,
+        ("pinned pointer" if pointer and pointer.get("pinned") else "pointer")
+        if found.from_pointer
+        else "newest on disk",
+    )
+    return found.value
+
+
+def build_drafter(
+    settings: Settings,
+    target: Target,
+    redis: Redis | None = None,
+    namespace: str = checkpoints.DEFAULT_NAMESPACE,
+) -> Drafter:
+    """The drafter DRAFTLOOP_DRAFTER names. `auto` / `eagle3`: the version the
+    Redis pointer names (`load_published_drafter`); none at all -> ngram for
+    `auto`, FileNotFoundError for `eagle3`."""
     kind = settings.drafter
-    if kind in ("auto", "eagle3"):
-        try:
-            from .drafters import eagle3
-        except ImportError:
-            eagle3 = None
-        found = eagle3.load_latest(settings.checkpoint_dir, target) if eagle3 is not None else None
+    if kind in FOLLOWING_KINDS:
+        found = load_published_drafter(settings, target, redis, namespace)
         if found is not None:
             return found
         if kind == "eagle3":
@@ -95,17 +144,116 @@ def build_drafter(settings: Settings, target: Target) -> Drafter:
     if kind == "ngram":
         return NgramDrafter(settings.ngram_max, settings.ngram_min)
     if kind == "draft_model":
-        if settings.draft_model is None:
-            return DraftModelDrafter(target.model, settings.draft_model_layers, name=f"first-{settings.draft_model_layers}-layers")
-        draft = load_llama(
-            local_model_dir(settings.draft_model, settings),
-            dtype=target.model.dtype,
-            device=target.model.device,
-            max_len=target.model.max_len,
-        )
-        if draft.cfg.vocab_size != target.model.cfg.vocab_size:
-            raise ValueError("the draft model's vocabulary differs from the target's")
-        return DraftModelDrafter(draft, name=Path(settings.draft_model).name)
+        return build_draft_model(settings, target)
     if kind == "none":
         return NoDrafter()
     raise ValueError(f"unknown DRAFTLOOP_DRAFTER {kind!r}: use auto, eagle3, draft_model, ngram or none")
+
+
+def build_draft_model(settings: Settings, target: Target) -> DraftModelDrafter:
+    """A separate small draft model, or (none set) the target's first layers."""
+    if settings.draft_model is None:
+        layers = settings.draft_model_layers
+        return DraftModelDrafter(target.model, layers, name=f"first-{layers}-layers")
+    draft = load_llama(
+        local_model_dir(settings.draft_model, settings),
+        dtype=target.model.dtype,
+        device=target.model.device,
+        max_len=target.model.max_len,
+    )
+    if draft.cfg.vocab_size != target.model.cfg.vocab_size:
+        raise ValueError("the draft model's vocabulary differs from the target's")
+    return DraftModelDrafter(draft, name=Path(settings.draft_model).name)
+
+
+def build_block_sink(
+    settings: Settings, metrics: Metrics, target_model: str, on_close: list[Callable[[], None]]
+) -> Callable[[BlockObservation], None] | None:
+    """Where verify-step observations go (docs/architecture.md): a non-blocking
+    hand-off to the block log's bounded queue; its writer thread talks to Redis."""
+    if not settings.block_log:
+        return None
+    from .blocklog import BlockLogger, BlockRecord, PromptRecord
+
+    logger = BlockLogger(
+        settings.redis_url,
+        settings.block_stream,
+        maxlen=settings.block_stream_maxlen,
+        queue_size=settings.block_queue_size,
+        metrics=metrics,
+    )
+    on_close.append(lambda: logger.close(timeout=2.0))
+
+    def sink(obs: BlockObservation) -> None:
+        if obs.prompt_ids is not None:
+            logger.submit(PromptRecord(obs.request_id, obs.prompt_ids))
+        logger.submit(BlockRecord.from_observation(obs, target_model))
+
+    log.info("logging verify blocks to %s (stream %s)", settings.redis_url, settings.block_stream)
+    return sink
+
+
+@dataclass
+class ServerState:
+    """Everything a running server holds: built by `load_state`, served by the API."""
+
+    settings: Settings
+    target: Target
+    metrics: Metrics
+    engine: Engine
+    async_engine: AsyncEngine
+    created: int = field(default_factory=lambda: int(time.time()))
+    on_close: list[Callable[[], None]] = field(default_factory=list)
+    namespace: str = checkpoints.DEFAULT_NAMESPACE  # of the drafter pointer the server follows
+
+    @property
+    def model_names(self) -> set[str]:
+        """Names a request's `model` may use: the served name or the target's id."""
+        return {self.target.name, self.target.model_id}
+
+    @property
+    def system_fingerprint(self) -> str:
+        drafter = self.engine.drafter
+        return f"draftloop-{drafter.kind}-{drafter.version}"
+
+    def close(self) -> None:
+        self.engine.stop_loop()
+        for fn in self.on_close:
+            fn()
+
+
+def load_state(
+    settings: Settings,
+    target: Target | None = None,
+    *,
+    redis: Redis | None = None,
+    namespace: str = checkpoints.DEFAULT_NAMESPACE,
+) -> ServerState:
+    """Load target (unless given) and drafter and build the engine (slow: runs
+    before serving). `redis` / `namespace`: where the drafter pointer is read."""
+    target = target or load_target(settings)
+    drafter = build_drafter(settings, target, redis, namespace)
+    metrics = Metrics()
+    on_close: list[Callable[[], None]] = []
+    engine = Engine(
+        target.model,
+        drafter,
+        target.eos_token_ids,
+        num_speculative_tokens=settings.num_speculative_tokens,
+        metrics=metrics,
+        block_sink=build_block_sink(settings, metrics, target.model_id, on_close),
+        block_topk=settings.block_topk,
+        max_num_seqs=settings.max_num_seqs,
+    )
+    log.info(
+        "serving %s with drafter %s v%s, K=%d, max_num_seqs=%d",
+        target.name,
+        drafter.kind,
+        drafter.version,
+        settings.num_speculative_tokens,
+        settings.max_num_seqs,
+    )
+    async_engine = AsyncEngine(engine, settings.max_queue)
+    return ServerState(
+        settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace
+    )

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from service.engine import Engine, NoDrafter
+from service.drafters.none import NoDrafter
+from service.engine import Engine
 from service.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 

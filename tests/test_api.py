@@ -398,7 +398,7 @@ def test_queue_full_is_429(settings, target) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
-    from service.api.deps import ServerState
+    from service.runtime import ServerState
     from service.async_engine import AsyncEngine
     from service.drafters.ngram import NgramDrafter
     from service.engine import Engine

@@ -168,7 +168,7 @@ def test_logger_writes_records_and_context(r: redis.Redis, stream: str) -> None:
 
 
 def test_server_block_sink_logs_with_the_settings(r: redis.Redis, stream: str) -> None:
-    from service.api.deps import build_block_sink
+    from service.runtime import build_block_sink
     from service.engine import BlockObservation
 
     settings = get_settings().model_copy(update={"block_log": True, "block_stream": stream})

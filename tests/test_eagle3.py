@@ -14,19 +14,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from service import checkpoints
 from service.drafters.eagle3 import (
     CheckpointError,
     Eagle3Config,
     Eagle3Drafter,
     Eagle3Head,
-    _sha256,
-    list_versions,
     load_checkpoint,
-    load_latest,
     save_checkpoint,
     shifted_tokens,
 )
 from service.engine import Engine
+from service.fileutil import sha256_file
 from service.llama import LlamaConfig, LlamaModel
 from service.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
@@ -182,16 +181,22 @@ def test_checkpoint_round_trip(tmp_path):
     m = json.loads((path / "manifest.json").read_text())
     assert m["version"] == 1 and m["parent_version"] is None and m["target_model"] == "tiny"
     assert m["hidden_layers"] == list(head.cfg.hidden_layers) and m["draft_vocab_size"] == 48
-    assert m["weights_sha256"] == _sha256(path / "model.safetensors") and m["created_at"]
+    assert m["weights_sha256"] == sha256_file(path / "model.safetensors") and m["created_at"]
     drafter = load_checkpoint(path, target)
     assert drafter.kind == "eagle3" and drafter.version == "1"
     for name, tensor in head.state_dict().items():
         assert torch.equal(drafter.head.state_dict()[name], tensor), name
     assert _save(head, tmp_path, parent=1).name == "v2"
-    assert [v for v, _ in list_versions(tmp_path)] == [1, 2]
-    assert load_latest(tmp_path, target).version == "2"
-    assert load_latest(tmp_path / "empty", target) is None
+    assert checkpoints.list_versions(tmp_path) == [1, 2]
+    assert newest_drafter(tmp_path, target).version == "2"
+    assert newest_drafter(tmp_path / "empty", target) is None
     assert not [p for p in (tmp_path / "eagle3").iterdir() if p.name.startswith(".tmp")]
+
+
+def newest_drafter(checkpoint_dir: Path, target) -> Eagle3Drafter | None:
+    """The newest version that loads (what a server without a pointer starts with)."""
+    found = checkpoints.load_newest(checkpoint_dir, lambda path: load_checkpoint(path, target))
+    return None if found is None else found.value
 
 
 def _refusal(path: Path, target) -> str:
@@ -219,7 +224,7 @@ def test_refuses_bad_sha256_and_truncated_file(tmp_path, caplog):
     (bad / "manifest.json").write_text(json.dumps(m))
     assert "does not match the manifest" in _refusal(bad, target)
     with caplog.at_level(logging.WARNING):
-        assert load_latest(tmp_path, target).version == "1"  # v2 refused, v1 still serves
+        assert newest_drafter(tmp_path, target).version == "1"  # v2 refused, v1 still serves
     assert "skipping eagle3 checkpoint" in caplog.text
     weights = good / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
@@ -235,7 +240,7 @@ def test_refuses_wrong_shapes(tmp_path):
     state["fc.weight"] = torch.zeros(TINY.hidden_size, 2 * TINY.hidden_size)
     save_file(state, str(weights))
     m = json.loads((path / "manifest.json").read_text())
-    m["weights_sha256"] = _sha256(weights)  # a consistent but wrongly shaped checkpoint
+    m["weights_sha256"] = sha256_file(weights)  # a consistent but wrongly shaped checkpoint
     (path / "manifest.json").write_text(json.dumps(m))
     msg = _refusal(path, target)
     assert "wrong tensor shapes" in msg and "fc.weight" in msg

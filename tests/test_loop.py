@@ -351,7 +351,7 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
 
 def write_blocks(target, head: eagle3.Eagle3Head, redis_url: str, stream: str, n_prompts: int = 2, reps: int = 2) -> int:
     """Serve a few requests in-process with the real block sink of the server."""
-    from service.api.deps import build_block_sink
+    from service.runtime import build_block_sink
 
     on_close: list = []
     settings = Settings(redis_url=redis_url, block_stream=stream, block_log=True)
@@ -405,7 +405,7 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
         first.process.wait(30)
         pending = r.xpending(stream, GROUP)
         assert pending["pending"] == n_blocks  # read, never acked
-        assert [v for v, _ in eagle3.list_versions(ckdir)] == [1]
+        assert checkpoints.list_versions(ckdir) == [1]
         assert not (ckdir / "reports").exists() or not list((ckdir / "reports").glob("*.json"))
 
         # 2. the next run (once the dead worker's lock expired) trains on exactly those blocks
@@ -464,4 +464,4 @@ def test_update_waits_for_blocks_and_recognises_a_finished_run(redis_db: str, se
                                   "entries": {"count": n, "first_id": ids[0], "last_id": ids[-1]}})
     out = update.run_update(r, Settings(**{**s.model_dump(), "opd_min_blocks": 1}), target)
     assert out["status"] == "already_done" and out["acked"] == n
-    assert consumer.waiting() == (0, 0) and len(eagle3.list_versions(ckdir)) == 1
+    assert consumer.waiting() == (0, 0) and len(checkpoints.list_versions(ckdir)) == 1

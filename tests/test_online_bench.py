@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from service import checkpoints
 from service.config import Settings
 from service.drafters import eagle3
 from service.prompts import sharegpt_prompts
@@ -82,10 +83,10 @@ def test_quick_run_writes_versions_and_plot(settings: Settings, sft_checkpoints:
     assert g["met"] == (g["final_tau"] >= 1.10 * g["sft_tau"])
 
     # published versions are real checkpoints, each the child of the one before
-    for number, path in eagle3.list_versions(save_dir):
-        manifest = eagle3.read_manifest(path)
+    for number in checkpoints.list_versions(save_dir):
+        manifest = eagle3.read_manifest(checkpoints.version_path(save_dir, number))
         assert (manifest["trainer"], manifest["parent_version"]) == ("opd", number - 1)
-    assert [n for n, _ in eagle3.list_versions(save_dir)] == [1, 2]
+    assert checkpoints.list_versions(save_dir) == [1, 2]
 
     png = out.with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

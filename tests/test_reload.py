@@ -6,6 +6,7 @@ Each test uses its own Redis namespace, so tests never see each other's keys."""
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import socket
@@ -173,7 +174,7 @@ def test_pin_holds_against_automatic_publishes(rds, ns, save, ckdir: Path) -> No
     ptr = checkpoints.read_pointer(rds, ns)
     assert ptr is not None and ptr["version"] == 2 and ptr["pinned"] is False and ptr["kind"] == "eagle3"
     msg = next_message(sub)
-    assert msg is not None and checkpoints._decode(msg["data"])["version"] == 2
+    assert msg is not None and checkpoints.decode_pointer(msg["data"])["version"] == 2
 
     # an automatic publish never moves the pointer back (stale / redelivered result)
     assert not checkpoints.publish_version(rds, 1, paths[1], namespace=ns)
@@ -233,7 +234,7 @@ def test_polling_picks_up_a_missed_message(rds, ns, target, save, ckdir: Path) -
     try:
         wait_subscribed(rds, ns)
         payload = checkpoints.pointer_payload(version, path)  # SET without PUBLISH: the message is "lost"
-        rds.set(checkpoints.pointer_key(ns), checkpoints.json.dumps(payload))
+        rds.set(checkpoints.pointer_key(ns), json.dumps(payload))
         assert wait_for(lambda: serving(engine) == ("eagle3", "1"), timeout=5.0)
         assert reloads(metrics, "ok") == 1
     finally:

@@ -580,7 +580,7 @@ def replay_logq(head: Eagle3Head, batch: _Batch) -> Tensor:
     h = hidden[:, batch.rows, batch.anchors].transpose(0, 1)  # (N, S, d)
     logits = head.logits(h)  # (N, S, Vd)
     if batch.ctx_rows.shape[1]:
-        fz = head._frozen()
+        fz = head.frozen
         hn = F.rms_norm(h, (h.shape[-1],), fz.norm_weight, fz.norm_eps)
         ctx = torch.einsum("nsd,ncd->nsc", hn, batch.ctx_rows[batch.rows].to(hn.dtype))  # (N, S, C)
         ctx = ctx.masked_fill(~batch.ctx_valid[:, None, :], _MASKED)

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from service.drafters import eagle3
+from service.fileutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +27,9 @@ def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> 
     path = folder / f"{stamp}-v{version}.json"
     tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
-    eagle3.fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
-    eagle3.fsync_path(folder)
+    fsync_path(folder)
     log.info("report %s", path)
     return path
 

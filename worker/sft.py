@@ -404,7 +404,7 @@ def ttt_loss(
     """EAGLE-3 training-time-test loss -> (weighted loss, per-step loss, per-step
     top-1 agreement with the target's argmax over the draft vocab)."""
     hidden = head.unroll_hidden(batch.features, shifted_tokens(batch.tokens, steps), batch.valid)  # (S, B, T, d)
-    lm_rows = head._frozen().lm_rows
+    lm_rows = head.frozen.lm_rows
     losses, accs, total, wsum = [], [], hidden.new_zeros(()), 0.0
     for j, mask in enumerate(step_masks(batch, steps, on_prompt)):
         if not bool(mask.any()):
@@ -496,7 +496,7 @@ def train_head(
     device = head.fc.weight.device
     fast = bf16_is_fast(device) if cfg.fast_bf16 is None else cfg.fast_bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if fast else contextlib.nullcontext()
-    frozen = head._frozen()
+    frozen = head.frozen
     lm_rows = frozen.lm_rows
     if fast:  # cast the frozen LM-head rows once, not in every autocast matmul
         frozen.lm_rows = lm_rows.to(torch.bfloat16)

@@ -110,33 +110,21 @@ def _now() -> str:
 # the serving version and the bootstrap
 
 
-def current_checkpoint(r: redis.Redis, settings: Settings, target) -> tuple[int, eagle3.Eagle3Head] | None:
+def current_checkpoint(r: redis.Redis, settings: Settings, target: Target) -> tuple[int, eagle3.Eagle3Head] | None:
     """(version, head) the servers serve: the pointer's version; without a
-    usable pointer, the newest version on disk that loads for this target."""
+    usable pointer, the newest version on disk that loads for this target
+    (published when there was no pointer, so the servers have one to follow)."""
     pointer = checkpoints.read_pointer(r)
-    tried = set()
-    if pointer is not None and pointer.get("kind", checkpoints.DEFAULT_KIND) == checkpoints.DEFAULT_KIND:
-        version = int(pointer["version"])
-        local = checkpoints.version_path(settings.checkpoint_dir, version)
-        path = local if (local / checkpoints.MANIFEST_FILE).is_file() or not pointer.get("path") else Path(pointer["path"])
-        tried.add(version)
-        try:
-            head, _ = eagle3.load_head(path, target.model, target.model_id)
-            return version, head
-        except eagle3.CheckpointError as e:
-            log.error("the published drafter v%d does not load (%s); using the newest loadable one", version, e)
-    for version in reversed(checkpoints.list_versions(settings.checkpoint_dir)):
-        if version in tried:
-            continue
-        try:
-            head, _ = eagle3.load_head(checkpoints.version_path(settings.checkpoint_dir, version), target.model, target.model_id)
-        except eagle3.CheckpointError as e:
-            log.warning("skipping eagle3 v%d: %s", version, e)
-            continue
-        if pointer is None:  # servers have nothing to follow yet: point them at it
-            checkpoints.publish_version(r, version, checkpoints.version_path(settings.checkpoint_dir, version))
-        return version, head
-    return None
+
+    def load(path: Path) -> eagle3.Eagle3Head:
+        return eagle3.load_head(path, target.model, target.model_id)[0]
+
+    found = checkpoints.load_current(pointer, settings.checkpoint_dir, load)
+    if found is None:
+        return None
+    if pointer is None:  # servers have nothing to follow yet: point them at it
+        checkpoints.publish_version(r, found.version, found.path)
+    return found.version, found.value
 
 
 def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Progress | None = None) -> dict[str, Any]:

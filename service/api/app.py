@@ -12,8 +12,6 @@ Run it with `draftloop serve`, or `uvicorn --factory service.api.app:create_app`
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -26,8 +24,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..config import Settings, get_settings
 from ..reloader import DrafterReloader
+from ..runtime import ServerState, load_state
+from .admin import router as admin_router
 from .completions import CompletionServiceDep
-from .deps import ServerState, StateDep, load_state
+from .deps import StateDep
 from .errors import APIError, install_error_handlers
 from .protocol import (
     CompletionRequest,
@@ -128,15 +128,6 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     return None if task.cancelled() else task.result()
 
 
-def include_admin_routes(app: FastAPI) -> None:
-    """ADMIN ROUTES: `service/api/admin.py` (drafter reload / rollback, owned by
-    the loop's engineer) exposes an APIRouter named `router`; it is mounted
-    here when the module exists. It takes its dependencies from `.deps`."""
-    name = f"{__package__}.admin"
-    if importlib.util.find_spec(name) is not None:
-        app.include_router(importlib.import_module(name).router)
-
-
 def _version() -> str:
     try:
         return metadata.version("draftloop")
@@ -156,7 +147,9 @@ def create_app(settings: Settings | None = None, runtime: ServerState | None = N
         state.engine.start_loop()
         app.state.server = state
         # follows the published drafter version (pub/sub + polling), off the decode path
-        reloader = DrafterReloader(state.engine, state.target, state.settings, state.metrics)
+        reloader = DrafterReloader(
+            state.engine, state.target, state.settings, state.metrics, namespace=state.namespace
+        )
         reloader.start()
         app.state.reloader = reloader
         log.info("ready: model %s, max_model_len %d", state.target.name, settings.max_model_len)
@@ -170,5 +163,5 @@ def create_app(settings: Settings | None = None, runtime: ServerState | None = N
     app = FastAPI(title="draftloop", version=_version(), lifespan=lifespan)
     install_error_handlers(app, settings.max_body_bytes)
     app.include_router(router)
-    include_admin_routes(app)
+    app.include_router(admin_router)  # drafter reload / rollback (service/api/admin.py)
     return app

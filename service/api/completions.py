@@ -25,8 +25,9 @@ from fastapi import Depends
 
 from ..async_engine import EngineOverloaded
 from ..engine import StepOutput
+from ..runtime import ServerState
 from ..sampling import SamplingParams
-from .deps import ServerState, StateDep
+from .deps import StateDep
 from .detokenize import IncrementalDetokenizer, StopStringText
 from .errors import APIError, error_body
 from .protocol import (

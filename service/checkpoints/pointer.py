@@ -1,9 +1,6 @@
-"""The drafter-version contract between the worker and the servers (DESIGN §8):
-which checkpoint directories exist, and the Redis pointer that says which one
-to serve.
-
-Files: `<checkpoint_dir>/<kind>/v{N}/` with `manifest.json` (written last, by an
-atomic rename of the whole directory). Old versions stay on disk for rollback.
+"""The Redis pointer that says which drafter version the servers serve (the
+version contract between the worker and the servers: docs/architecture.md).
+The version directories it names are `service.checkpoints.store`'s.
 
 Redis (`ns` = namespace, default "draftloop"):
 
@@ -26,19 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from redis import Redis
 
+from .store import DEFAULT_KIND, MANIFEST_FILE, list_versions, version_path
+
 log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "draftloop"
-DEFAULT_KIND = "eagle3"
-MANIFEST_FILE = "manifest.json"
-_VERSION_DIR = re.compile(r"^v(\d+)$")
 
 # KEYS: pointer, latest, channel. ARGV: payload JSON, pinned ("1"/"0"), version.
 # Returns 1 when the pointer moved (and was published), 0 when it stayed.
@@ -85,46 +80,24 @@ return raw
 
 
 def pointer_key(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The key holding the pointer servers follow."""
     return f"{namespace}:drafter:current"
 
 
 def latest_key(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The key holding the newest automatically published version."""
     return f"{namespace}:drafter:latest"
 
 
 def updates_channel(namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The pub/sub channel announcing each pointer change."""
     return f"{namespace}:drafter:updates"
-
-
-# ---------------------------------------------------------------------------
-# files
-
-
-def version_path(checkpoint_dir: str | Path, version: int, kind: str = DEFAULT_KIND) -> Path:
-    """`<checkpoint_dir>/<kind>/v{version}` (whether or not it exists)."""
-    return Path(checkpoint_dir) / kind / f"v{int(version)}"
-
-
-def list_versions(checkpoint_dir: str | Path, kind: str = DEFAULT_KIND) -> list[int]:
-    """Versions with a complete directory (its manifest present), oldest first."""
-    root = Path(checkpoint_dir) / kind
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        m = _VERSION_DIR.match(p.name)
-        if m and (p / MANIFEST_FILE).is_file():
-            found.append(int(m.group(1)))
-    return sorted(found)
-
-
-# ---------------------------------------------------------------------------
-# the pointer
 
 
 def pointer_payload(
     version: int, path: str | Path, pinned: bool = False, kind: str = DEFAULT_KIND
 ) -> dict[str, Any]:
+    """The pointer's JSON object for `version` in `path`, stamped now."""
     return {
         "kind": kind,
         "version": int(version),
@@ -164,7 +137,9 @@ def publish_version(
     return moved
 
 
-def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
+def decode_pointer(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A pointer JSON (from the key or a channel message) as a dict; None when
+    absent or unreadable (logged)."""
     if raw is None:
         return None
     try:
@@ -180,12 +155,12 @@ def _decode(raw: bytes | str | None) -> dict[str, Any] | None:
 
 def read_pointer(redis: Redis, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
     """The current pointer, or None when there is none (or it is unreadable)."""
-    return _decode(redis.get(pointer_key(namespace)))
+    return decode_pointer(redis.get(pointer_key(namespace)))
 
 
 def read_latest(redis: Redis, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any] | None:
     """The newest automatically published version, or None."""
-    return _decode(redis.get(latest_key(namespace)))
+    return decode_pointer(redis.get(latest_key(namespace)))
 
 
 def unpin(
@@ -199,7 +174,7 @@ def unpin(
     now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     raw = redis.eval(_UNPIN_LUA, len(keys), *keys, now)
     if raw is not None:
-        pointer = _decode(raw)
+        pointer = decode_pointer(raw)
     else:
         versions = list_versions(checkpoint_dir, kind)
         if not versions:
