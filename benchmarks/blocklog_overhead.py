@@ -24,7 +24,7 @@ from benchmarks.speedup import EngineMethod, device_name, measure
 from service.api.deps import build_block_sink
 from service.config import Settings
 from service.metrics import Metrics
-from service.prompts import chat_ids, eval_prompts
+from worker.prompts import chat_ids, eval_prompts
 from service.runtime import build_drafter, load_target
 
 log = logging.getLogger("benchmarks.blocklog_overhead")

@@ -35,7 +35,7 @@ from service.drafters.base import Drafter
 from service.drafters.draft_model import DraftModelDrafter
 from service.drafters.ngram import NgramDrafter
 from service.engine import Engine, NoDrafter
-from service.prompts import chat_ids, eval_prompts
+from worker.prompts import chat_ids, eval_prompts
 from service.runtime import Target, load_target, pick_device
 from service.sampling import SamplingParams
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from service.engine import Engine, NoDrafter
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 
 NUM_PROMPTS = 20

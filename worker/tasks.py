@@ -56,8 +56,8 @@ from service.drafters import eagle3
 
 from .app import OPD_UPDATE_TASK, TASK_SOFT_TIME_LIMIT_S, app
 from .lock import training_lock
-from .opd import OPDConfig, opd_update as run_opd, save_update
-from .sft import SFTConfig
+from .train.config import OPDConfig, SFTConfig
+from .train.opd import opd_update as run_opd, save_update
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,9 @@ def _now() -> str:
 
 def bootstrap(r: redis.Redis, settings: Settings, target, progress=None) -> dict[str, Any]:
     """The SFT bootstrap: train the first drafter, publish it, report."""
-    from service.prompts import sharegpt_prompts
+    from worker.prompts import sharegpt_prompts
 
-    from .sft import train_sft
+    from .train.sft import train_sft
 
     t0, started = time.perf_counter(), _now()
     cfg = sft_config(settings)
