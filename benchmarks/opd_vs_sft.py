@@ -1,5 +1,5 @@
 """Issue #5, the paper's central claim at small scale: SFT plateaus, Draft-OPD
-keeps improving (DESIGN §7, arXiv 2605.29343).
+keeps improving (docs/architecture.md, arXiv 2605.29343).
 
     python -m benchmarks.opd_vs_sft --out results/opd_vs_sft.json [--quick] [--prompts FILE.jsonl]
 
@@ -36,17 +36,8 @@ less than one step (`trained_tokens`, `max_step_tokens` in the JSON).
 Goal (reported, not tuned for): at temperature 0, Draft-OPD τ >= 1.10 x
 continued-SFT τ, and the full objective above every ablation.
 
-Full-run time (defaults, bfloat16 target, one thread on the shared 2-core dev
-CPU), from rates measured on it: SFT 1.8-2.5 s per step (48 steps an epoch)
-plus a ~25 s τ evaluation, <= 13 min for 6 epochs; rollouts ~30 tokens/s, ~3
-min; Draft-OPD 750-1400 head token-positions/s (the lower rate measured with
-all blocks K = 4 long, the higher one with mostly K = 1), so ~2-3.5 min per
-OPD arm with its mid-budget τ evaluation, 1.5 min for continued SFT; the
-measurement (16 passes of 12 prompts x 64 tokens) ~7 min. About 35-40 min in
-all when the SFT trajectories are cached (`draftloop train-sft` with its
-defaults caches the same ones), 4-5 min more when not; the JSON records each
-phase's time. `--quick` runs every phase on a tiny scale in about 1-2 minutes
-(tests/test_opd_vs_sft.py)."""
+The JSON records each phase's time (timings: docs/results.md). `--quick` runs
+every phase on a tiny scale (tests/test_opd_vs_sft.py)."""
 
 from __future__ import annotations
 
@@ -592,7 +583,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
         help="JSON; the plot goes next to it (.png)",
     )
     ap.add_argument(
-        "--quick", action="store_true", help="every phase at a tiny scale (~2-3 min; for the test)"
+        "--quick", action="store_true", help="every phase at a tiny scale (for the test)"
     )
     ap.add_argument(
         "--prompts",
@@ -602,7 +593,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     ap.add_argument(
         "--dtype",
         default="bfloat16",
-        help="target dtype (bfloat16 is ~2x float32 on CPUs with AVX512-BF16 or AMX; auto: Settings)",
+        help="target dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX; auto: Settings)",
     )
     ap.add_argument("--cache-dir", type=Path, help="default: DRAFTLOOP_CACHE_DIR")
     for f in fields(Plan):

@@ -8,13 +8,14 @@ object key by key, with errors naming the variable and the key."""
 
 from __future__ import annotations
 
-import json
 import typing
 from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any, Literal
 
 from pydantic import TypeAdapter, ValidationError
+
+from service.config import json_object
 
 Mode = Literal["opd", "forward_kl_all", "reverse_kl_all"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
@@ -103,15 +104,7 @@ def _bad_value(key: str, exc: ValidationError) -> str:
 def validate_overrides(name: str, value: Any, config_cls: type) -> dict[str, Any]:
     """A JSON object (or dict) of `config_cls` fields -> the overrides, type-checked
     and coerced; "" or None -> {}. Errors name `name` (the variable) and the key."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{name} is not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name} must be a JSON object of {config_cls.__name__} fields, got {value!r}")
+    value = json_object(name, value, config_cls.__name__)
     adapters = _field_adapters(config_cls)
     unknown = sorted(set(value) - set(adapters))
     if unknown:
