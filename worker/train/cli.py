@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, help="JSONL file of {\"prompt\": ...} (default: built-in ShareGPT train split)")
     for flag, (name, help_) in CONFIG_FLAGS.items():
         default = getattr(defaults, name)
-        p.add_argument(flag, dest=name, type=type(default), default=default, help=help_)
+        metavar = flag.removeprefix("--").replace("-", "_").upper()
+        p.add_argument(flag, dest=name, metavar=metavar, type=type(default), default=default, help=help_)
     p.add_argument(
         "--threads",
         type=int,
