@@ -45,7 +45,7 @@ class _Build:
         return self.cfg.offpolicy_decay ** (block_age(rec.drafter_version, self.current_version) or 0)
 
 
-def draft_index(d2t: Tensor, vocab_size: int) -> Tensor:
+def draft_index(d2t: Tensor, vocab_size: int) -> Tensor:  # d2t: (Vd,) int64
     """d2t (Vd,) draft id -> target id  ->  t2d (V,) target id -> draft id, -1 outside."""
     t2d = torch.full((vocab_size,), -1, dtype=torch.long)
     t2d[d2t.long().cpu()] = torch.arange(d2t.numel())
@@ -155,7 +155,11 @@ def context_vocab(tokens: np.ndarray, static_ids: set[int]) -> tuple[list[int], 
     return ids, first
 
 
-def _map_topk(rec_ids: Sequence[Sequence[int]], t2d: Tensor, ctx: Mapping[int, int] | None = None) -> Tensor:
+def _map_topk(
+    rec_ids: Sequence[Sequence[int]],  # (K+1, k) target ids
+    t2d: Tensor,  # (V,) target id -> draft id, -1 outside
+    ctx: Mapping[int, int] | None = None,  # context-vocab target id -> draft index
+) -> Tensor:
     """Target ids -> draft indices: the static map, then the block's context ids; -1 outside both."""
     ids = torch.tensor(rec_ids, dtype=torch.long)
     out = torch.where((ids >= 0) & (ids < t2d.numel()), t2d[ids.clamp(0, t2d.numel() - 1)], torch.full_like(ids, -1))

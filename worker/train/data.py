@@ -65,8 +65,14 @@ class Trajectories:
         return torch.cat(parts) if parts else self.tokens[:0]
 
     @classmethod
-    def from_parts(cls, tokens: Sequence[Tensor], features: Sequence[Tensor], final: Sequence[Tensor], prompt_lens: Tensor) -> Trajectories:
-        """One trajectory per entry of `tokens` (T_i,), `features` (T_i, 3d), `final` (T_i, d)."""
+    def from_parts(
+        cls,
+        tokens: Sequence[Tensor],  # (T_i,) int64 each
+        features: Sequence[Tensor],  # (T_i, 3d) each
+        final: Sequence[Tensor],  # (T_i, d) each
+        prompt_lens: Tensor,  # (n,) int64
+    ) -> Trajectories:
+        """One trajectory per entry of the three lists."""
         lengths = torch.tensor([t.numel() for t in tokens], dtype=torch.long)
         return cls(
             tokens=torch.cat(list(tokens)),

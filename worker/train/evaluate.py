@@ -104,7 +104,7 @@ class _Totals:
         )
 
 
-def _pad_add(a: Tensor | None, b: Tensor) -> Tensor:
+def _pad_add(a: Tensor | None, b: Tensor) -> Tensor:  # (n,), (m,) -> (max(n, m),), zero-padded sum
     if a is None:
         return b
     n = max(a.numel(), b.numel())

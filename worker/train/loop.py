@@ -60,7 +60,13 @@ def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) 
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def optimizer_step(opt: torch.optim.Optimizer, params: Iterable[Tensor], loss: Tensor, lr: float, grad_clip: float) -> Tensor:
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    params: Iterable[Tensor],
+    loss: Tensor,  # () scalar
+    lr: float,
+    grad_clip: float,
+) -> Tensor:
     """Set the LR, backpropagate `loss` (a scalar), clip, step -> the gradient norm."""
     for group in opt.param_groups:
         group["lr"] = lr

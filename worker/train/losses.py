@@ -91,7 +91,7 @@ def densify_topk(
     return out.scatter(-1, ids, lp - log_total)[..., :vocab_size]
 
 
-def forward_kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+def forward_kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:  # (..., V) each
     """KL(p‖q) = Σ_v p (log p − log q) over the last dim; terms with p = 0 are 0.
     p_logp, q_logp: (..., V) -> (...)."""
     p = p_logp.exp()
@@ -99,12 +99,19 @@ def forward_kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
     return (p * (safe_p_logp - q_logp)).sum(-1)
 
 
-def reverse_kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+def reverse_kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:  # (..., V) each
     """KL(q‖p) = Σ_v q (log q − log p) over the last dim; terms with q = 0 are 0."""
     return forward_kl(q_logp, p_logp)
 
 
-def _check(q_logp: Tensor, p_acc: Tensor, p_rej: Tensor, num_accepted: Tensor, num_draft: Tensor, mode: str) -> None:
+def _check(
+    q_logp: Tensor,  # (B, K+1, V)
+    p_acc: Tensor,  # (B, K+1, V)
+    p_rej: Tensor,  # (B, K+1, V)
+    num_accepted: Tensor,  # (B,)
+    num_draft: Tensor,  # (B,)
+    mode: str,
+) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     for p_logp in (p_acc, p_rej):
@@ -117,7 +124,7 @@ def _check(q_logp: Tensor, p_acc: Tensor, p_rej: Tensor, num_accepted: Tensor, n
         raise ValueError("num_accepted must lie in 0..num_draft")
 
 
-def _combine(acc_sum: Tensor, acc_w: Tensor, rej_sum: Tensor, rej_w: Tensor, lam_acc: float, lam_rej: float) -> OPDLoss:
+def _combine(acc_sum: Tensor, acc_w: Tensor, rej_sum: Tensor, rej_w: Tensor, lam_acc: float, lam_rej: float) -> OPDLoss:  # () each
     loss_acc = acc_sum / acc_w if acc_w > 0 else acc_sum * 0.0
     loss_rej = rej_sum / rej_w if rej_w > 0 else rej_sum * 0.0
     loss = (lam_acc * loss_acc + lam_rej * loss_rej) / (lam_acc + lam_rej)
@@ -160,7 +167,7 @@ def opd_loss(
     return _combine((w_acc * kl_acc).sum(), w_acc.sum(), (w_rej * kl_rej).sum(), w_rej.sum(), lam_acc, lam_rej)
 
 
-def _kl_rows(a_logp: Tensor, b_logp: Tensor) -> Tensor:
+def _kl_rows(a_logp: Tensor, b_logp: Tensor) -> Tensor:  # (V,) each -> ()
     """KL(a‖b) of two (V,) log-prob rows, as a loop over the vocabulary."""
     total = a_logp.new_zeros(())
     for v in range(a_logp.shape[0]):

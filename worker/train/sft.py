@@ -122,10 +122,10 @@ def build_draft_vocab(
     """The `size` target ids ranked by (count among generated tokens, count
     among prompt tokens, lower id first) -> d2t (size,) int64, ascending ids."""
     size = min(size, vocab_size)
-    resp = torch.bincount(response_tokens, minlength=vocab_size).double()
-    prm = torch.bincount(prompt_tokens, minlength=vocab_size).double()
+    response_counts = torch.bincount(response_tokens, minlength=vocab_size).double()
+    prompt_counts = torch.bincount(prompt_tokens, minlength=vocab_size).double()
     ids = torch.arange(vocab_size, dtype=torch.double)
-    score = resp * 1e12 + prm * 1e5 - ids / vocab_size  # lexicographic (exact while counts < 1e5 / 1e7)
+    score = response_counts * 1e12 + prompt_counts * 1e5 - ids / vocab_size  # lexicographic (exact while counts < 1e5 / 1e7)
     return torch.sort(torch.topk(score, size).indices).values
 
 
@@ -241,7 +241,7 @@ def _training_data(target, prompts: Sequence[str], sft_dir: Path, layers: tuple[
     return data, resp
 
 
-def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int) -> Eagle3Head:
+def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int) -> Eagle3Head:  # d2t: (Vd,)
     """A freshly initialised head over draft vocab `d2t` (Vd,), attached to `model`."""
     head = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel(), layers))
     head.reset_parameters(torch.Generator().manual_seed(seed))
@@ -263,7 +263,16 @@ def _heldout_tau(target, head: Eagle3Head, cfg: SFTConfig) -> tuple[float | None
     return tau, per_pos
 
 
-def _save(target, head: Eagle3Head, checkpoint_dir, data: Trajectories, resp: Tensor, history: list[dict], cfg: SFTConfig, info: dict) -> Path:
+def _save(
+    target,
+    head: Eagle3Head,
+    checkpoint_dir,
+    data: Trajectories,
+    resp: Tensor,  # (N,) generated tokens
+    history: list[dict],
+    cfg: SFTConfig,
+    info: dict,
+) -> Path:
     """Write the head as the next `eagle3/v{N}` (parent None) with the SFT manifest."""
     tail = history[-20:]
     sft_info = {
