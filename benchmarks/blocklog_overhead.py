@@ -23,8 +23,8 @@ import redis
 from benchmarks.speedup import EngineMethod, device_name, measure
 from service.config import Settings
 from service.metrics import Metrics
-from service.prompts import chat_ids, eval_prompts
 from service.runtime import build_block_sink, build_drafter, load_target
+from worker.prompts import chat_ids, eval_prompts
 
 log = logging.getLogger("benchmarks.blocklog_overhead")
 GOAL = 0.03

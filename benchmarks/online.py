@@ -6,9 +6,9 @@ lift the SFT drafter's acceptance on prompts it never saw?
 From the newest SFT EAGLE-3 checkpoint (`draftloop train-sft`), each round:
 1. serve `--prompts-per-round` training-split prompts with the current drafter
    through the real engine (speculative decoding, sampled at `--temperature`,
-   a fixed seed per request), with `worker.opd.BlockCollector` as the block
+   a fixed seed per request), with `worker.train.rollouts.BlockCollector` as the block
    sink: exactly the records the Redis block log keeps in serving;
-2. `worker.opd.opd_update` on that round's blocks, as the worker's
+2. `worker.train.opd.opd_update` on that round's blocks, as the worker's
    `opd_update` task runs it (held-out requests by hash gate the update);
 3. publish (`save_checkpoint`, then load it back as the server would) only when
    the gate passes, like the worker; otherwise the old version keeps serving;
@@ -51,13 +51,15 @@ from typing import Any
 
 from benchmarks.speedup import EngineMethod, device_name, measure
 from service import checkpoints
-from service.config import Settings, trainer_overrides
+from service.config import Settings
 from service.drafters import eagle3
 from service.drafters.none import NoDrafter
-from service.prompts import chat_ids, eval_prompts, sharegpt_exchanges, sharegpt_prompts
+from worker.prompts import chat_ids, eval_prompts, sharegpt_exchanges, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
-from worker.opd import BlockCollector, OPDConfig, UpdateResult, opd_update, save_update, serve_for_blocks
+from worker.train.config import OPDConfig, validate_overrides
+from worker.train.opd import UpdateResult, opd_update, save_update
+from worker.train.rollouts import BlockCollector, serve_for_blocks
 
 log = logging.getLogger("benchmarks.online")
 
@@ -399,7 +401,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:
-        args.opd = trainer_overrides("--opd", args.opd, OPDConfig)
+        args.opd = validate_overrides("--opd", args.opd, OPDConfig)
     except ValueError as exc:
         ap.error(str(exc))
     return args

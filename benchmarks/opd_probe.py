@@ -5,7 +5,7 @@ optimiser settings on one fixed set of served blocks.
 
 The newest eagle3 checkpoint serves training-split prompts 800.. (beyond what
 the default SFT run and the online benchmark use) at temperature 1 through the
-engine, into a `worker.opd.BlockCollector`; then the worker's own `opd_update`
+engine, into a `worker.train.rollouts.BlockCollector`; then the worker's own `opd_update`
 runs once per setting from the same checkpoint, and the held-out gate E[τ]
 before and after is printed. `--min-confidence 0` serves K-token blocks (the
 drafter's confidence stop off). Prints; writes nothing."""
@@ -20,10 +20,12 @@ import torch
 from service import checkpoints
 from service.config import Settings
 from service.drafters import eagle3
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.runtime import load_target
 from service.sampling import SamplingParams
-from worker.opd import OPDConfig, opd_update, serve_for_blocks
+from worker.train.config import OPDConfig
+from worker.train.opd import opd_update
+from worker.train.rollouts import serve_for_blocks
 
 SETTINGS = [
     {"lr": 3e-4, "epochs": 4, "batch_tokens": 512},

@@ -1,23 +1,23 @@
 """Issue #5, the paper's central claim at small scale: SFT plateaus, Draft-OPD
-keeps improving (DESIGN §7, arXiv 2605.29343).
+keeps improving (docs/architecture.md, arXiv 2605.29343).
 
     python -m benchmarks.opd_vs_sft --out results/opd_vs_sft.json [--quick] [--prompts FILE.jsonl]
 
-1. SFT (worker/sft.py: cached target trajectories, draft vocab, the TTT loss)
+1. SFT (worker/train/sft.py: cached target trajectories, draft vocab, the TTT loss)
    from a fresh EAGLE-3 head, epoch by epoch, measuring held-out greedy τ after
    each epoch (`sft_curve`), until τ stops improving (no gain of `min_delta`
    over the best for `patience` epochs) or `sft_max_epochs`, the length of its
    LR schedule. The head at that point is the SFT checkpoint.
 2. Rollouts: the SFT checkpoint serves training-split prompts it never trained
    on through the real engine (speculative decoding, temperature 1, seeded), with
-   `worker.opd.BlockCollector` as the block sink, exactly what the block log
+   `worker.train.rollouts.BlockCollector` as the block sink, exactly what the block log
    records in serving. Every OPD arm trains on these same blocks.
 3. Arms, each from the SFT checkpoint with the same extra budget:
    `sft_continued` (the same run, its optimizer and LR schedule, more steps),
    `opd` (the full Draft-OPD objective), and the ablations `forward_kl_all`,
    `reverse_kl_all`, `no_decay` (γ = 1), `random_anchors` (teacher-forced random
    anchors instead of the served block starts), all through
-   `worker.opd.build_requests / compute_features / train_opd` and OPDConfig.
+   `worker.train` (build_requests, compute_features, train_opd) and OPDConfig.
 4. Measurement: every arm, the SFT checkpoint and target-only decoding serve the
    held-out prompts through the engine at temperature 0 and at temperature 1
    (seed `seed + prompt index`, the same for every method): τ, per-position
@@ -36,17 +36,8 @@ less than one step (`trained_tokens`, `max_step_tokens` in the JSON).
 Goal (reported, not tuned for): at temperature 0, Draft-OPD τ >= 1.10 x
 continued-SFT τ, and the full objective above every ablation.
 
-Full-run time (defaults, bfloat16 target, one thread on the shared 2-core dev
-CPU), from rates measured on it: SFT 1.8-2.5 s per step (48 steps an epoch)
-plus a ~25 s τ evaluation, <= 13 min for 6 epochs; rollouts ~30 tokens/s, ~3
-min; Draft-OPD 750-1400 head token-positions/s (the lower rate measured with
-all blocks K = 4 long, the higher one with mostly K = 1), so ~2-3.5 min per
-OPD arm with its mid-budget τ evaluation, 1.5 min for continued SFT; the
-measurement (16 passes of 12 prompts x 64 tokens) ~7 min. About 35-40 min in
-all when the SFT trajectories are cached (`draftloop train-sft` with its
-defaults caches the same ones), 4-5 min more when not; the JSON records each
-phase's time. `--quick` runs every phase on a tiny scale in about 1-2 minutes
-(tests/test_opd_vs_sft.py)."""
+The JSON records each phase's time (timings: docs/results.md). `--quick` runs
+every phase on a tiny scale (tests/test_opd_vs_sft.py)."""
 
 from __future__ import annotations
 
@@ -69,20 +60,18 @@ from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3
 from service.drafters.none import NoDrafter
 from service.engine import StepTiming
 from service.metrics import SpecDecodeStats
-from service.prompts import chat_ids, eval_prompts, sharegpt_prompts
+from worker.prompts import chat_ids, eval_prompts, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
-from worker import sft
-from worker.opd import (
-    BlockCollector,
-    OPDConfig,
-    RequestBlocks,
-    build_requests,
-    compute_features,
-    train_opd,
-    serve_for_blocks,
-    trainable_copy,
-)
+from worker.train.config import OPDConfig, SFTConfig
+from worker.train.data import RequestBlocks, Trajectories, trajectory_batches
+from worker.train.blocks import build_requests
+from worker.train.evaluate import evaluate_tau
+from worker.train.features import compute_features
+from worker.train.loop import bf16_is_fast, make_optimizer, trainable_copy
+from worker.train.opd import train_opd
+from worker.train.rollouts import BlockCollector, serve_for_blocks
+from worker.train.sft import build_draft_vocab, collect_trajectories, train_head
 
 log = logging.getLogger("benchmarks.opd_vs_sft")
 
@@ -195,7 +184,7 @@ def greedy_evaluator(target: Target, prompts: list[list[int]], plan: Plan) -> Ev
     curves end where the measured τ is)."""
 
     def evaluate(head: Eagle3Head) -> tuple[float, list[float]]:
-        tau, per_pos = sft.evaluate_tau(
+        tau, per_pos = evaluate_tau(
             target, serving_drafter(head, target, "eval"), prompts, plan.k, plan.eval_max_tokens
         )
         return round(tau, 4), [round(a, 4) for a in per_pos]
@@ -265,8 +254,8 @@ def intermediate_marks(budget: int, points: int) -> list[int]:
 class SFTRun:
     head: Eagle3Head  # float32, attached to float32 copies of the frozen target tensors
     opt: torch.optim.Optimizer
-    cfg: sft.SFTConfig
-    data: sft.Trajectories
+    cfg: SFTConfig
+    data: Trajectories
     next_step: int
     tokens: int  # head token-positions so far
     epoch_tokens: int
@@ -274,16 +263,16 @@ class SFTRun:
     plateaued: bool
 
 
-def sft_config(plan: Plan, n_batches: int) -> sft.SFTConfig:
+def sft_config(plan: Plan, n_batches: int) -> SFTConfig:
     steps = plan.sft_max_epochs * n_batches
-    return sft.SFTConfig(
+    return SFTConfig(
         num_prompts=plan.sft_prompts,
         max_new_tokens=plan.sft_max_new_tokens,
         gen_batch_size=plan.gen_batch_size,
         draft_vocab_size=plan.draft_vocab_size,
         batch_tokens=plan.batch_tokens,
         train_steps=steps,
-        warmup_steps=max(1, min(sft.SFTConfig.warmup_steps, steps // 20)),
+        warmup_steps=max(1, min(SFTConfig.warmup_steps, steps // 20)),
         seed=plan.seed,
         eval_prompts=0,
     )
@@ -291,13 +280,13 @@ def sft_config(plan: Plan, n_batches: int) -> sft.SFTConfig:
 
 def load_trajectories(
     target: Target, prompts: Sequence[str], plan: Plan, cache_dir: Path
-) -> sft.Trajectories:
+) -> Trajectories:
     """train-sft's trajectories (same cache folder and key for the same sizes)."""
     model = target.model
     layers = Eagle3Config.for_target(model.cfg, 1).hidden_layers
     ids = [chat_ids(target.tokenizer, p) for p in prompts]
-    fast = sft.bf16_is_fast(model.device)
-    return sft.collect_trajectories(
+    fast = bf16_is_fast(model.device)
+    return collect_trajectories(
         model,
         ids,
         plan.sft_max_new_tokens,
@@ -319,19 +308,19 @@ def plateaued(curve: list[dict[str, Any]], patience: int, min_delta: float) -> b
 
 
 def sft_to_plateau(
-    target: Target, data: sft.Trajectories, plan: Plan, evaluate: Evaluate, clock: Clock
+    target: Target, data: Trajectories, plan: Plan, evaluate: Evaluate, clock: Clock
 ) -> SFTRun:
     model = target.model
-    n_batches = len(sft.make_batches(data, plan.batch_tokens))
+    n_batches = len(trajectory_batches(data, plan.batch_tokens))
     cfg = sft_config(plan, n_batches)
-    d2t = sft.build_draft_vocab(
+    d2t = build_draft_vocab(
         data.response_tokens(), data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size
     )
     fresh = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel()))
     fresh.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     fresh.d2t.copy_(d2t)
     head = trainable_copy(fresh, model)  # float32 master weights whatever the serving dtype
-    opt = sft.make_optimizer(head, cfg)
+    opt = make_optimizer(head, cfg)
     epoch_tokens = int(data.tokens.numel()) * cfg.ttt_steps
     curve: list[dict[str, Any]] = []
     run = SFTRun(head, opt, cfg, data, 0, 0, epoch_tokens, curve, False)
@@ -372,7 +361,7 @@ def sft_to_plateau(
         n_batches,
         plan.sft_max_epochs,
     )
-    sft.train_head(head, data, cfg, opt=opt, on_step=on_step)
+    train_head(head, data, cfg, opt=opt, on_step=on_step)
     return run
 
 
@@ -380,9 +369,9 @@ def continue_sft(run: SFTRun, hook: BudgetHook) -> dict[str, Any]:
     """More of the same SFT run: its optimizer, its LR schedule (its final LR past the end)."""
     t0 = time.perf_counter()
     lengths = run.data.offsets.diff()
-    cheapest = min(int(lengths[b].sum()) for b in sft.make_batches(run.data, run.cfg.batch_tokens))
+    cheapest = min(int(lengths[b].sum()) for b in trajectory_batches(run.data, run.cfg.batch_tokens))
     most_steps = math.ceil(hook.budget / (cheapest * run.cfg.ttt_steps))  # the hook stops it before
-    sft.train_head(
+    train_head(
         run.head,
         run.data,
         run.cfg,
@@ -419,7 +408,7 @@ def opd_requests(
     )
     if not requests:
         raise RuntimeError(f"no trainable blocks in the rollouts ({stats.as_dict()})")
-    compute_features(model, requests, head.cfg.hidden_layers, fast_bf16=sft.bf16_is_fast(model.device))
+    compute_features(model, requests, head.cfg.hidden_layers, fast_bf16=bf16_is_fast(model.device))
     return requests
 
 
@@ -595,7 +584,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
         help="JSON; the plot goes next to it (.png)",
     )
     ap.add_argument(
-        "--quick", action="store_true", help="every phase at a tiny scale (~2-3 min; for the test)"
+        "--quick", action="store_true", help="every phase at a tiny scale (for the test)"
     )
     ap.add_argument(
         "--prompts",
@@ -605,7 +594,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Plan]:
     ap.add_argument(
         "--dtype",
         default="bfloat16",
-        help="target dtype (bfloat16 is ~2x float32 on CPUs with AVX512-BF16 or AMX; auto: Settings)",
+        help="target dtype (bfloat16 is faster on CPUs with AVX512-BF16 or AMX; auto: Settings)",
     )
     ap.add_argument("--cache-dir", type=Path, help="default: DRAFTLOOP_CACHE_DIR")
     for f in fields(Plan):

@@ -37,7 +37,7 @@ from service.drafters.draft_model import DraftModelDrafter
 from service.drafters.ngram import NgramDrafter
 from service.drafters.none import NoDrafter
 from service.engine import Engine
-from service.prompts import chat_ids, eval_prompts
+from worker.prompts import chat_ids, eval_prompts
 from service.runtime import Target, load_target, pick_device
 from service.sampling import SamplingParams
 

@@ -3,7 +3,7 @@
     draftloop serve [--host H] [--port P] [--drafter KIND] [--num-speculative-tokens K] ...
     draftloop fetch-model
     draftloop up                      (Redis if needed + server + Celery worker + beat)
-    draftloop train-sft [ARGS...]     (worker.sft, see `draftloop train-sft --help`)
+    draftloop train-sft [ARGS...]     (worker.train.cli, see `draftloop train-sft --help`)
 
 Flags override the DRAFTLOOP_* environment (see service.config). Heavy
 imports (torch, transformers, uvicorn) happen inside the commands, so
@@ -12,7 +12,9 @@ imports (torch, transformers, uvicorn) happen inside the commands, so
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -65,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole loop here: server, Celery worker and beat (and Redis if none)")
     up.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
 
-    # its own parser (worker.sft) reads the rest of the command line, --help included
-    sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.sft)", add_help=False)
+    # its own parser (worker.train.cli) reads the rest of the command line, --help included
+    sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.train.cli)", add_help=False)
     return parser
 
 
@@ -95,15 +97,16 @@ def fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_SFT_MODULE = "worker.train.cli"
+
+
 def train_sft(argv: list[str]) -> int:
-    try:
-        from worker.sft import main as sft_main
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("worker", "worker.sft"):
-            raise
-        log.error("`draftloop train-sft` needs worker.sft, which is not installed in this checkout")
+    """Run the worker's trainer in a child interpreter (the server side imports
+    nothing of worker/) -> its exit status."""
+    if importlib.util.find_spec("worker") is None:
+        log.error("`draftloop train-sft` needs %s, which is not installed in this checkout", TRAIN_SFT_MODULE)
         return 2
-    return int(sft_main(argv) or 0)
+    return subprocess.call([sys.executable, "-m", TRAIN_SFT_MODULE, *argv])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

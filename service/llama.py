@@ -281,3 +281,66 @@ def load_llama(path: str | Path, dtype=torch.float32, device="cpu", max_len: int
     cos, sin = rope_tables(cfg.head_dim, model.max_len, cfg.rope_theta)
     model.cos, model.sin = cos.to(device), sin.to(device)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------
+# padded batches (training data: SFT trajectories, Draft-OPD target features)
+
+
+def new_padded_cache(model: LlamaModel, batch: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """Empty keys and values for `batched_forward`: (layers, B, kv, capacity, hd) each."""
+    cfg = model.cfg
+    shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
+    return (
+        torch.empty(shape, dtype=model.dtype, device=model.device),
+        torch.empty(shape, dtype=model.dtype, device=model.device),
+    )
+
+
+def padded_mask(cols: Tensor, pad: Tensor) -> Tensor:
+    """(B, 1, T, end) bool: query column c of row b sees key columns pad[b]..c;
+    a padding column sees itself (so that no softmax row is empty).
+    cols: (T,) cache columns of the queries; pad: (B,) left-padding columns."""
+    keys = torch.arange(int(cols[-1]) + 1, device=cols.device)
+    mask = (keys[None, None, :] <= cols[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
+    return (mask | (keys[None, None, :] == cols[None, :, None])).unsqueeze(1)
+
+
+def batched_forward(
+    model: LlamaModel,
+    ids: Tensor,  # (B, T) int64, left-padded
+    k_cache: Tensor,  # (layers, B, kv, capacity, hd), from `new_padded_cache`
+    v_cache: Tensor,  # (layers, B, kv, capacity, hd)
+    start: int,  # cache column of ids[:, 0]
+    pad: Tensor,  # (B,) int64 left-padding columns of each row
+    hidden_layers: tuple[int, ...],
+) -> tuple[Tensor, Tensor]:
+    """`LlamaModel.forward` over a left-padded batch, on the same weights: writes
+    columns start..start+T-1 of the caches. -> (final normed hidden (B, T, d),
+    the residual streams after `hidden_layers` concatenated (B, T, len(hidden_layers)*d))."""
+    batch, t = ids.shape
+    cols = torch.arange(start, start + t, device=ids.device)
+    pos = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, T) RoPE positions
+    cos, sin = model.cos[pos].unsqueeze(1), model.sin[pos].unsqueeze(1)  # (B, 1, T, hd)
+    mask = padded_mask(cols, pad)
+    x = model.embed_tokens(ids)
+    taps = []
+    for i, layer in enumerate(model.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(batch, t, attn.h, attn.hd).transpose(1, 2)
+        k = attn.k_proj(h).view(batch, t, attn.kv, attn.hd).transpose(1, 2)
+        v = attn.v_proj(h).view(batch, t, attn.kv, attn.hd).transpose(1, 2)
+        if attn.q_norm is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)  # float32 tables
+        k_cache[i, :, :, start : start + t] = k
+        v_cache[i, :, :, start : start + t] = v
+        out = F.scaled_dot_product_attention(
+            q, k_cache[i, :, :, : start + t], v_cache[i, :, :, : start + t], attn_mask=mask, enable_gqa=attn.h != attn.kv
+        )
+        x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, t, attn.h * attn.hd))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if i in hidden_layers:
+            taps.append(x)
+    return model.norm(x), torch.cat(taps, dim=-1)

@@ -7,7 +7,7 @@ from functools import lru_cache
 
 from service.drafters.none import NoDrafter
 from service.engine import Engine
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 
 NUM_PROMPTS = 20

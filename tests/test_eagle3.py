@@ -27,9 +27,11 @@ from service.drafters.eagle3 import (
 from service.engine import Engine
 from service.fileutil import sha256_file
 from service.llama import LlamaConfig, LlamaModel
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
-from worker.sft import SFTConfig, collect_trajectories, build_draft_vocab, train_head
+from worker.train.config import SFTConfig
+from worker.train.features import generate_batch
+from worker.train.sft import build_draft_vocab, collect_trajectories, train_head
 
 from .reference import greedy_reference, heldout_prompt_ids, outputs_with
 
@@ -249,13 +251,13 @@ def test_refuses_wrong_shapes(tmp_path):
 def test_killed_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Optimizer state saved on the way: a run killed after 3 steps and rerun
     ends with the same weights as an uninterrupted run."""
-    import worker.sft as sft
+    import worker.train.sft as sft
 
     target = tiny_target()
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist() for n in (5, 7, 9, 6)]
     layers = Eagle3Config.for_target(TINY, 1).hidden_layers
-    data = sft.generate_batch(target.model, prompts, 12, {0}, layers)
+    data = generate_batch(target.model, prompts, 12, {0}, layers)
     cfg = SFTConfig(train_steps=6, batch_tokens=40, ttt_steps=2, warmup_steps=2, save_every_s=0.0, fast_bf16=False)
 
     def fresh() -> Eagle3Head:

@@ -41,7 +41,7 @@ from service.config import Settings
 from service.drafters import eagle3
 from service.engine import Engine
 from service.metrics import Metrics
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
 from worker.update import GROUP

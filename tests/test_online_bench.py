@@ -16,8 +16,9 @@ import pytest
 from service import checkpoints
 from service.config import Settings
 from service.drafters import eagle3
-from service.prompts import sharegpt_prompts
-from worker.sft import SFTConfig, train_sft
+from worker.prompts import sharegpt_prompts
+from worker.train.config import SFTConfig
+from worker.train.sft import train_sft
 
 from .conftest import ROOT
 

@@ -1,4 +1,4 @@
-"""The Draft-OPD trainer (worker/opd.py): examples from hand-made blocks, the
+"""The Draft-OPD trainer (worker/train/): examples from hand-made blocks, the
 replay at served block starts equals what the serving EAGLE-3 drafter computed
 (on the real default model), the evaluation gives back the served τ, the loss
 goes down, and the evaluation math on hand-computed values."""
@@ -14,27 +14,17 @@ import torch
 from service.blocklog import BlockRecord
 from service.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head
 from service.engine import Engine
-from service.prompts import chat_ids, sharegpt_prompts
+from worker.prompts import chat_ids, sharegpt_prompts
 from service.sampling import SamplingParams
-from worker.opd import (
-    BlockCollector,
-    OPDConfig,
-    acceptance_beta,
-    build_requests,
-    compute_features,
-    context_vocab,
-    contexts_from_prefixes,
-    evaluate,
-    expected_tau,
-    is_heldout,
-    opd_update,
-    replay_logq,
-    split_heldout,
-    target_logp,
-    train_opd,
-    trainable_copy,
-)
-from worker.opd import _collate
+from worker.train.blocks import build_requests, context_vocab, contexts_from_prefixes
+from worker.train.config import OPDConfig
+from worker.train.data import collate_requests, is_heldout, split_heldout
+from worker.train.evaluate import acceptance_beta, evaluate, expected_tau
+from worker.train.features import compute_features
+from worker.train.loop import trainable_copy
+from worker.train.losses import replay_logq, target_logp
+from worker.train.opd import opd_update, train_opd
+from worker.train.rollouts import BlockCollector
 
 V = 50  # target vocabulary of the hand-made blocks
 D2T = torch.tensor([0, 2, 4, 6, 8, 10, 12, 14, 16, 18])  # draft vocab: even ids < 20
@@ -202,7 +192,7 @@ def test_replay_equals_the_serving_drafter(target, served):
     diffs = []
     with torch.no_grad():
         for req in reqs:
-            logq = replay_logq(student, _collate([req], torch.device("cpu"), torch.float32))  # (N, S, Vd + C)
+            logq = replay_logq(student, collate_requests([req], torch.device("cpu"), torch.float32))  # (N, S, Vd + C)
             t2d = torch.full((target.model.cfg.vocab_size,), -1, dtype=torch.long)
             t2d[head.d2t] = torch.arange(vd)
             t2d[req.ctx_ids] = vd + torch.arange(req.ctx_ids.numel())

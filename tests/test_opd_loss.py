@@ -9,7 +9,7 @@ from math import log
 import pytest
 import torch
 
-from worker.opd_loss import densify_topk, forward_kl, opd_loss, opd_loss_reference, reverse_kl
+from worker.train.losses import densify_topk, forward_kl, opd_loss, opd_loss_reference, reverse_kl
 
 
 def _random_batch(g: torch.Generator, B: int = 5, K: int = 4, V: int = 9, sparse: bool = False):
@@ -36,10 +36,28 @@ def test_vectorised_matches_reference(mode: str, gamma: float, sparse: bool) -> 
         q, p, n, k = _random_batch(g, sparse=sparse)
         bw = torch.rand(q.shape[0], generator=g)
         for kwargs in ({}, {"block_weight": bw}, {"lam_acc": 2.0, "lam_rej": 0.5}):
-            fast = opd_loss(q, p, n, k, gamma=gamma, mode=mode, **kwargs)
-            ref = opd_loss_reference(q, p, n, k, gamma=gamma, mode=mode, **kwargs)
+            fast = opd_loss(q, p, p, n, k, gamma=gamma, mode=mode, **kwargs)
+            ref = opd_loss_reference(q, p, p, n, k, gamma=gamma, mode=mode, **kwargs)
             for a, b in zip(fast, ref, strict=True):
                 torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["opd", "forward_kl_all", "reverse_kl_all"])
+def test_separate_stream_targets(mode: str) -> None:
+    """Each stream reads its own target: one call with (p_acc, p_rej) gives the
+    accepted stream of a call on p_acc alone and the rejected stream of a call
+    on p_rej alone, and matches the reference."""
+    g = torch.Generator().manual_seed(7)
+    q, p_acc, n, k = _random_batch(g)
+    p_rej = _random_batch(g, sparse=True)[1]
+    bw = torch.rand(q.shape[0], generator=g)
+    kw = dict(mode=mode, block_weight=bw, lam_acc=2.0, lam_rej=0.5)
+    both = opd_loss(q, p_acc, p_rej, n, k, **kw)
+    torch.testing.assert_close(both.loss_acc, opd_loss(q, p_acc, p_acc, n, k, **kw).loss_acc)
+    torch.testing.assert_close(both.loss_rej, opd_loss(q, p_rej, p_rej, n, k, **kw).loss_rej)
+    torch.testing.assert_close(both.loss, (2.0 * both.loss_acc + 0.5 * both.loss_rej) / 2.5)
+    for a, b in zip(both, opd_loss_reference(q, p_acc, p_rej, n, k, **kw), strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
 
 
 # Hand-computed case: V = 2, K = 2, the same three rows in two blocks.
@@ -56,7 +74,7 @@ def _tiny():
     p = torch.tensor([P, P]).log()
     # block A: slot 1 accepted, slot 2 rejected (recovered token at row 1; row 2 unused)
     # block B: slot 1 rejected (recovered token at row 0)
-    return q, p, torch.tensor([1, 0]), torch.tensor([2, 2])
+    return q, p, p, torch.tensor([1, 0]), torch.tensor([2, 2])  # one target for both streams
 
 
 def test_hand_computed_value() -> None:
@@ -94,18 +112,18 @@ def test_ablation_switches() -> None:
 
 
 def test_all_accepted_and_empty_blocks() -> None:
-    q, p, _, k = _tiny()
+    q, p, _, _, k = _tiny()
     out = opd_loss(
-        q, p, torch.tensor([2, 2]), k
+        q, p, p, torch.tensor([2, 2]), k
     )  # every draft accepted: bonus row 2 joins the accepted stream
     assert out.loss_rej.item() == 0.0
     fwd2 = 0.3 * log(0.3 / 0.6) + 0.7 * log(0.7 / 0.4)
     assert out.loss_acc.item() == pytest.approx((FWD0 + FWD1 + fwd2) / 3, rel=1e-5)
     assert out.loss.item() == pytest.approx(out.loss_acc.item() / 2, rel=1e-5)  # (λ·L_acc + λ·0) / 2λ
-    k0 = opd_loss(q, p, torch.tensor([0, 0]), torch.tensor([0, 0]))  # K = 0 blocks: only the target's own row
+    k0 = opd_loss(q, p, p, torch.tensor([0, 0]), torch.tensor([0, 0]))  # K = 0 blocks: only the target's own row
     assert k0.loss_acc.item() == pytest.approx(FWD0, rel=1e-5) and k0.loss_rej.item() == 0.0
     with pytest.raises(ValueError):
-        opd_loss(q, p, torch.tensor([3, 0]), k)
+        opd_loss(q, p, p, torch.tensor([3, 0]), k)
 
 
 def test_densify_topk() -> None:
@@ -137,7 +155,7 @@ def test_gradients_flow_and_padding_is_inert() -> None:
         p[2, 2:] = float("nan")  # block 2 drafted 1 token: rows 2.. are padding with garbage
         q = logits.log_softmax(-1)
         q = torch.cat([q[:2], torch.cat([q[2:, :2], torch.full_like(q[2:, 2:], float("-inf"))], 1)])
-        out = opd_loss(q, p, n, k, mode=mode)
+        out = opd_loss(q, p, p, n, k, mode=mode)
         assert torch.isfinite(out.loss)
         out.loss.backward()
         grad = logits.grad
@@ -151,9 +169,9 @@ def test_descent_reduces_loss() -> None:
     g = torch.Generator().manual_seed(1)
     q, p, n, k = _random_batch(g, sparse=True)
     logits = q.clone().requires_grad_(True)
-    first = opd_loss(logits.log_softmax(-1), p, n, k).loss.item()
+    first = opd_loss(logits.log_softmax(-1), p, p, n, k).loss.item()
     for _ in range(50):
-        (grad,) = torch.autograd.grad(opd_loss(logits.log_softmax(-1), p, n, k).loss, logits)
+        (grad,) = torch.autograd.grad(opd_loss(logits.log_softmax(-1), p, p, n, k).loss, logits)
         with torch.no_grad():
             logits -= 20.0 * grad  # the loss is a mean over ~30 rows: per-row gradients are small
-    assert opd_loss(logits.log_softmax(-1), p, n, k).loss.item() < 0.2 * first
+    assert opd_loss(logits.log_softmax(-1), p, p, n, k).loss.item() < 0.2 * first

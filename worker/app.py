@@ -5,13 +5,19 @@ settings.opd_interval_s seconds.
 
 Long GPU tasks: one at a time per worker (prefetch 1), acked only after they
 finish and requeued if the worker process dies mid-task, so a crash never
-loses an update; time limits stop a stuck one."""
+loses an update; time limits stop a stuck one.
+
+The trainer overrides (DRAFTLOOP_OPD_TRAIN, DRAFTLOOP_SFT_BOOTSTRAP) are
+checked against the trainer configs here, so a typo fails at start-up, not
+mid-task."""
 
 from __future__ import annotations
 
 from celery import Celery
 
 from service.config import get_settings
+
+from .train.config import check_trainer_settings
 
 OPD_UPDATE_TASK = "worker.tasks.opd_update"
 TASK_SOFT_TIME_LIMIT_S = 1800  # SoftTimeLimitExceeded: the task may still save a checkpoint
@@ -21,6 +27,7 @@ TASK_TIME_LIMIT_S = 2100  # then the process is killed
 VISIBILITY_TIMEOUT_S = TASK_TIME_LIMIT_S + 600
 
 _settings = get_settings()
+check_trainer_settings(_settings)
 
 app = Celery("draftloop", broker=_settings.redis_url, backend=_settings.redis_url, include=["worker.tasks"])
 app.conf.update(

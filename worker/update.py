@@ -4,14 +4,14 @@ docs/architecture.md).
 
 One run, under the Redis training lock (the caller holds it):
 1. No loadable eagle3 checkpoint for this target yet: the SFT bootstrap
-   (`worker.sft.train_sft`) trains one, it is published (version 1 on a fresh
+   (`worker.train.sft.train_sft`) trains one, it is published (version 1 on a fresh
    store), and the run ends.
 2. Fewer than DRAFTLOOP_OPD_MIN_BLOCKS blocks waiting for the consumer group
    (undelivered + pending, from XINFO GROUPS; nothing is consumed): return.
 3. Read the blocks with consumer group `opd` -- this consumer's pending entries
    first (a run that crashed left them), then new ones, up to `MAX_BLOCKS`.
 4. Train from the version the servers serve (the Redis pointer; without one,
-   the newest loadable version on disk): `worker.opd.opd_update`, held-out
+   the newest loadable version on disk): `worker.train.opd.opd_update`, held-out
    requests by a fixed hash of their ids.
 5. Publish version N+1 (checkpoint written atomically, then the pointer) only
    when the held-out E[τ] is not worse than the serving version's.
@@ -32,7 +32,7 @@ stopped_early}, config.
 
 Settings: DRAFTLOOP_REDIS_URL, _CHECKPOINT_DIR, _BLOCK_STREAM, _OPD_MIN_BLOCKS,
 _TARGET_MODEL (and the rest of the target's), _OPD_TRAIN (a JSON object of
-`worker.opd.OPDConfig` overrides) and _SFT_BOOTSTRAP (of `worker.sft.SFTConfig`
+`worker.train.config.OPDConfig` overrides) and _SFT_BOOTSTRAP (of `worker.train.config.SFTConfig`
 overrides for the bootstrap; tests use a tiny one)."""
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ from service.config import Settings
 from service.drafters import eagle3
 
 from .app import TASK_SOFT_TIME_LIMIT_S
-from .opd import OPDConfig, opd_update as run_opd, save_update
+from .train.config import OPDConfig, SFTConfig
+from .train.opd import opd_update as run_opd, save_update
 from .reports import latest_report, write_report
-from .sft import SFTConfig
 
 if TYPE_CHECKING:
     from service.runtime import Target
 
-    from .opd import UpdateResult
+    from .train.opd import UpdateResult
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ def current_checkpoint(r: redis.Redis, settings: Settings, target: Target) -> tu
 
 def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Progress | None = None) -> dict[str, Any]:
     """The SFT bootstrap: train the first drafter, publish it, report."""
-    from service.prompts import sharegpt_prompts
+    from .prompts import sharegpt_prompts
 
-    from .sft import train_sft
+    from .train.sft import train_sft
 
     t0, started = time.perf_counter(), _now()
     cfg = sft_config(settings)

@@ -1,0 +1,126 @@
+"""The trainers' configurations (torch-free, so the Celery app can check the
+DRAFTLOOP_OPD_TRAIN / DRAFTLOOP_SFT_BOOTSTRAP overrides at start-up without
+loading the trainers).
+
+Every field is validated and coerced to its annotated type when a config is
+built (`OPDConfig(**overrides)`), and `validate_overrides` checks an override
+object key by key, with errors naming the variable and the key."""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, fields
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from service.config import json_object
+
+Mode = Literal["opd", "forward_kl_all", "reverse_kl_all"]
+MODES: tuple[str, ...] = typing.get_args(Mode)
+Anchors = Literal["served", "random"]
+Tail = Literal["auto", "spread"]
+
+
+class _Validated:
+    """Coerces every dataclass field to its annotated type after __init__."""
+
+    def __post_init__(self) -> None:
+        for name, adapter in _field_adapters(type(self)).items():
+            try:
+                value = adapter.validate_python(getattr(self, name))
+            except ValidationError as exc:
+                raise ValueError(f"{type(self).__name__}: {_bad_value(name, exc)}") from None
+            object.__setattr__(self, name, value)
+
+
+@dataclass
+class OPDConfig(_Validated):
+    epochs: int = 2  # passes over the training blocks
+    lr: float = 3e-4  # Adam, constant after a short warm-up
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_tokens: int = 2048  # padded requests x context length per optimizer step
+    gamma: float = 0.8  # rejected-stream decay γ^(slot-1)
+    lam_acc: float = 1.0
+    lam_rej: float = 1.0
+    mode: Mode = "opd"  # "opd" | "forward_kl_all" | "reverse_kl_all" (ablations)
+    anchors: Anchors = "served"  # "random": ablation, see worker.train.opd
+    offpolicy_decay: float = 0.5  # weight of a block drafted `age` versions ago: decay ** age
+    max_age: int = 3  # blocks drafted more than this many versions ago are dropped
+    tail: Tail = "auto"  # target tail per KL direction (worker.train.opd)
+    heldout_fraction: float = 0.1  # of request ids (fixed hash split), for the publish gate
+    seed: int = 0
+    context_vocab: bool = True  # as Eagle3Drafter: the request's own out-of-vocab ids join the draft vocab
+    fast_bf16: bool | None = None  # bf16 autocast for training and features; None: where bf16 is fast
+    max_seconds: float | None = None  # stop training (between steps) after this long
+
+
+@dataclass
+class SFTConfig(_Validated):
+    num_prompts: int = 512
+    max_new_tokens: int = 128
+    gen_batch_size: int = 128
+    draft_vocab_size: int = 8192
+    ttt_steps: int = 3
+    train_steps: int = 240
+    batch_tokens: int = 2048  # padded B x T per optimizer step
+    lr: float = 3e-3
+    warmup_steps: int = 12
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    save_every_s: float = 60.0
+    eval_prompts: int = 8
+    eval_max_tokens: int = 64
+    eval_k: int = 2
+    loss_on_prompt: bool = True  # also distil at prompt anchors (the target's p is defined there too)
+    fast_bf16: bool | None = None  # bf16 generation + autocast training; None: where bf16 matmuls are fast
+    hidden_layers: tuple[int, ...] | None = None
+    # Teacher-forced data (off by default): ShareGPT exchanges (prompt + its own
+    # reply, cut at exchange_max_tokens) through one batched prefill each, with
+    # the target's distributions as labels (EAGLE-1's data); see docs/results.md
+    # for what it buys at the default budget.
+    num_exchanges: int = 0
+    exchange_max_tokens: int = 256
+
+
+TRAINER_CONFIGS: dict[str, type] = {"opd_train": OPDConfig, "sft_bootstrap": SFTConfig}  # Settings field -> config
+
+
+@cache
+def _field_adapters(config_cls: type) -> dict[str, TypeAdapter]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(config_cls)}
+
+
+def _bad_value(key: str, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"bad value for key {key!r}: {err['msg']} (got {err['input']!r})"
+
+
+def validate_overrides(name: str, value: Any, config_cls: type) -> dict[str, Any]:
+    """A JSON object (or dict) of `config_cls` fields -> the overrides, type-checked
+    and coerced; "" or None -> {}. Errors name `name` (the variable) and the key."""
+    value = json_object(name, value, config_cls.__name__)
+    adapters = _field_adapters(config_cls)
+    unknown = sorted(set(value) - set(adapters))
+    if unknown:
+        raise ValueError(f"{name}: unknown key {unknown[0]!r}; {config_cls.__name__} has {sorted(adapters)}")
+    out = {}
+    for key, raw in value.items():
+        try:
+            out[key] = adapters[key].validate_python(raw)
+        except ValidationError as exc:
+            raise ValueError(f"{name}: {_bad_value(key, exc)}") from None
+    return out
+
+
+def check_trainer_settings(settings: Any) -> None:
+    """Validate the trainer overrides of a `service.config.Settings` (its
+    `opd_train` and `sft_bootstrap` dicts): raises ValueError naming the
+    variable (DRAFTLOOP_OPD_TRAIN, ...) and the key."""
+    for field_name, config_cls in TRAINER_CONFIGS.items():
+        validate_overrides(f"DRAFTLOOP_{field_name.upper()}", getattr(settings, field_name), config_cls)

@@ -1,0 +1,95 @@
+"""Target features for the trainers, from the target's padded batched forward
+(`service.llama.batched_forward`): greedy SFT trajectories with their taps and
+final hidden states, and the taps of Draft-OPD request contexts."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from service.llama import LlamaModel, batched_forward, new_padded_cache
+
+from .data import RequestBlocks, Trajectories
+from .loop import autocast
+
+
+def bf16_copy(model: LlamaModel) -> LlamaModel:
+    """A bfloat16 copy of the target for generating training trajectories (RoPE
+    tables stay float32)."""
+    fast = copy.deepcopy(model).to(torch.bfloat16)
+    fast.cos, fast.sin = model.cos, model.sin
+    return fast
+
+
+def _left_padded(prompts: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """-> ids (B, W) left-padded with 0, prompt lengths (B,), left padding (B,)."""
+    lens = torch.tensor([len(p) for p in prompts])
+    width = int(lens.max())
+    pad = width - lens
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, int(pad[i]) :] = torch.tensor(list(p), dtype=torch.long)
+    return ids, lens, pad
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LlamaModel,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_ids: set[int],
+    hidden_layers: tuple[int, ...],
+) -> Trajectories:
+    """Greedy continuations of `prompts` in one left-padded batch. A trajectory
+    holds the prompt and the generated tokens that were fed back, up to (not
+    including) its first EOS; every such position carries its features and
+    final hidden, so the last one's final hidden still predicts the EOS."""
+    ids, lens, pad = _left_padded(prompts)
+    batch, width = ids.shape
+    k_cache, v_cache = new_padded_cache(model, batch, width + max_new_tokens)
+    final, feats = batched_forward(model, ids, k_cache, v_cache, 0, pad, hidden_layers)
+    finals, featss, fed = [final.half()], [feats.half()], [ids]
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    nxt = model.lm_head(final[:, -1]).max(-1).indices  # (B,) first maximum, as argmax (faster in bf16)
+    done = torch.isin(nxt, eos)
+    n_fed = torch.zeros(batch, dtype=torch.long)  # generated tokens fed before the first EOS
+    for step in range(max_new_tokens - 1):
+        if bool(done.all()):
+            break
+        n_fed += (~done).long()
+        final, feats = batched_forward(model, nxt.unsqueeze(1), k_cache, v_cache, width + step, pad, hidden_layers)
+        finals.append(final.half())
+        featss.append(feats.half())
+        fed.append(nxt.unsqueeze(1))
+        nxt = model.lm_head(final[:, -1]).max(-1).indices
+        done |= torch.isin(nxt, eos)
+    all_ids, all_final, all_feats = torch.cat(fed, 1), torch.cat(finals, 1), torch.cat(featss, 1)
+    rows = [slice(int(pad[i]), width + int(n_fed[i])) for i in range(batch)]
+    return Trajectories.from_parts(
+        [all_ids[i, sl] for i, sl in enumerate(rows)],
+        [all_feats[i, sl] for i, sl in enumerate(rows)],
+        [all_final[i, sl] for i, sl in enumerate(rows)],
+        prompt_lens=lens,
+    )
+
+
+@torch.inference_mode()
+def compute_features(
+    model: LlamaModel, requests: Sequence[RequestBlocks], hidden_layers: Sequence[int], fast_bf16: bool = False
+) -> None:
+    """One target forward per request over its context; fills `features` (T, 3d)
+    with the residual streams after `hidden_layers` (the serving taps) and
+    `ctx_rows`, the LM-head rows of the request's context vocabulary."""
+    layers = tuple(hidden_layers)
+    for req in requests:
+        if req.features is not None:
+            continue
+        ids = req.tokens.to(model.device)[None, :]  # (1, T)
+        k_cache, v_cache = new_padded_cache(model, 1, ids.shape[1])
+        with autocast(model.device, fast_bf16):
+            _, taps = batched_forward(model, ids, k_cache, v_cache, 0, torch.zeros(1, dtype=torch.long, device=model.device), layers)
+        req.features = taps[0].to(model.dtype)
+        req.ctx_rows = model.lm_head.weight.detach()[req.ctx_ids.to(model.device)]

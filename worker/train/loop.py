@@ -1,0 +1,122 @@
+"""What the SFT and Draft-OPD training loops share: bf16 autocast where it is
+fast, the AdamW optimizer and its LR schedules, one optimizer step, the
+resumable optimizer state, and a float32 trainable copy of a head."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from service.drafters.eagle3 import Eagle3Head, FrozenTarget
+from service.llama import LlamaModel
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 matmuls beat float32 here: CUDA, or a CPU with AMX / AVX512-BF16."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, n, None) for n in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(bool(c()) for c in checks if c is not None)
+
+
+def use_bf16(device: torch.device, fast_bf16: bool | None) -> bool:
+    """A config's `fast_bf16`: None means where bf16 matmuls are fast."""
+    return bf16_is_fast(device) if fast_bf16 is None else fast_bf16
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def trainable_params(head: Eagle3Head) -> list[torch.nn.Parameter]:
+    return [p for p in head.parameters() if p.requires_grad]
+
+
+def make_optimizer(head: Eagle3Head, cfg) -> torch.optim.AdamW:
+    """AdamW over the head's trainable parameters; `cfg` has lr and weight_decay
+    (an SFTConfig or an OPDConfig)."""
+    return torch.optim.AdamW(trainable_params(head), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+
+
+def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up, then constant (Draft-OPD)."""
+    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up, then a cosine decay to 10% of `lr` at `total_steps` (SFT)."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    params: Iterable[Tensor],
+    loss: Tensor,  # () scalar
+    lr: float,
+    grad_clip: float,
+) -> Tensor:
+    """Set the LR, backpropagate `loss` (a scalar), clip, step -> the gradient norm."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return grad_norm
+
+
+def save_state(path: Path, head: Eagle3Head, opt: torch.optim.Optimizer, meta: dict) -> None:
+    """Head weights + AdamW moments in safetensors, counters in JSON; atomic."""
+    tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
+    index = {id(p): n for n, p in head.named_parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            tensors[f"opt.{index[id(p)]}.{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path / "state.safetensors")
+    (path / "state.json.tmp").write_text(json.dumps(meta))
+    os.replace(path / "state.json.tmp", path / "state.json")
+
+
+def load_state(path: Path, head: Eagle3Head, opt: torch.optim.Optimizer) -> dict | None:
+    """What `save_state` wrote, back into `head` and `opt` -> its meta (None: nothing saved)."""
+    if not (path / "state.json").exists() or not (path / "state.safetensors").exists():
+        return None
+    meta = json.loads((path / "state.json").read_text())
+    tensors = load_file(str(path / "state.safetensors"))
+    head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
+    for name, p in head.named_parameters():
+        st = {k.removeprefix(f"opt.{name}."): v for k, v in tensors.items() if k.startswith(f"opt.{name}.")}
+        if st:
+            st["step"] = st["step"].reshape(())
+            opt.state[p] = st
+    return meta
+
+
+def trainable_copy(head: Eagle3Head, model: LlamaModel) -> Eagle3Head:
+    """A float32 copy of `head` to train, attached to float32 copies of the frozen
+    target tensors when the target runs in a lower precision."""
+    new = Eagle3Head(head.cfg)
+    new.load_state_dict({k: v.detach().float() if v.is_floating_point() else v for k, v in head.state_dict().items()})
+    new.to(model.device)
+    frozen = FrozenTarget.from_model(model, new.d2t)
+    if model.dtype != torch.float32:
+        frozen = FrozenTarget(
+            frozen.embed.float(), frozen.norm_weight.float(), frozen.norm_eps, frozen.lm_rows.float(), frozen.cos, frozen.sin
+        )
+    new.frozen = frozen
+    return new
