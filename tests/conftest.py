@@ -6,7 +6,11 @@
 - `default_model_dir`: the embedded default model, prepared once.
 - `target`: the default model loaded in-process, once.
 - `live_server` / `live_server_url`: one real `draftloop serve` process (uvicorn)
-  on a free port for the whole session, stopped at the end."""
+  on a free port for the whole session, stopped at the end.
+
+Helpers for the test modules: `free_port`, `redis_or_skip` and `scratch_prefix`
+(a real Redis and a key prefix of one's own), `server_env` / `start_server` /
+`stop_process`, `metric`."""
 
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
@@ -73,6 +79,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def redis_or_skip(url: str) -> redis.Redis:
+    """A client of the Redis at `url`; skips the test when none answers."""
+    client = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis at {url}: {exc}")
+    return client
+
+
+def scratch_prefix(client: redis.Redis, name: str) -> Iterator[str]:
+    """A key prefix no other test uses (`name-<random>`); its keys are deleted
+    afterwards. For fixtures: `yield from scratch_prefix(client, "test-x")`."""
+    prefix = f"{name}-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+
+
 def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -112,18 +137,21 @@ def start_server(env: dict[str, str], workdir: Path, timeout_s: float = SERVER_S
     try:
         _wait_healthy(server, timeout_s)
     except BaseException:
-        stop_server(server)
+        stop_process(proc)
         raise
     return server
 
 
-def stop_server(server: LiveServer) -> None:
-    server.process.terminate()
+def stop_process(process: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """Terminate `process` and wait for it; kill it if it lingers."""
+    if process.poll() is not None:
+        return
+    process.terminate()
     try:
-        server.process.wait(timeout=30)
+        process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        process.kill()
+        process.wait()
 
 
 def metric(http: httpx.Client, name: str, **labels: str) -> float:
@@ -145,7 +173,7 @@ def live_server(
     try:
         yield server
     finally:
-        stop_server(server)
+        stop_process(server.process)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 
 import msgpack
@@ -27,7 +26,7 @@ from service.blocklog import (
 from service.config import get_settings
 from service.metrics import Metrics
 
-from .conftest import free_port
+from .conftest import free_port, redis_or_skip, scratch_prefix
 from .throwaway_redis import AVAILABLE as HAVE_REDIS_SERVER
 from .throwaway_redis import start_redis, stop_redis, wait_until
 
@@ -64,20 +63,12 @@ def _block(
 
 @pytest.fixture
 def r() -> redis.Redis:
-    client = redis.Redis.from_url(URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis at {URL}")
-    return client
+    return redis_or_skip(URL)
 
 
 @pytest.fixture
 def stream(r: redis.Redis) -> Iterator[str]:
-    name = f"test:blocks:{uuid.uuid4().hex}"
-    yield name
-    for key in r.scan_iter(f"{name}*"):
-        r.delete(key)
+    yield from scratch_prefix(r, "test:blocks")
 
 
 # --- encoding ---------------------------------------------------------------------------

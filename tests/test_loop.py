@@ -46,7 +46,7 @@ from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
 from worker.update import GROUP
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT, free_port, redis_or_skip, stop_process
 
 REDIS_HOST = "redis://127.0.0.1:6379"
 TINY_SFT = {
@@ -71,11 +71,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def redis_db() -> Iterator[str]:
     """A Redis database no one else uses, claimed in db 0 and flushed afterwards."""
-    base = redis.Redis.from_url(f"{REDIS_HOST}/0")
-    try:
-        base.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_HOST}: {exc}")
+    base = redis_or_skip(f"{REDIS_HOST}/0")
     owner = uuid.uuid4().hex
     for db in range(15, 0, -1):
         claim = f"draftloop:test:db:{db}"
@@ -102,13 +98,7 @@ class Proc:
         return self.log_path.read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
 
 def loop_env(redis_url: str, ckdir: Path, stream: str, cache_dir: Path, **extra: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ import redis
 
 from service.config import Settings
 
-from .conftest import LiveServer, free_port, metric, server_env, start_server, stop_server
+from .conftest import LiveServer, free_port, metric, server_env, start_server, stop_process
 from .throwaway_redis import AVAILABLE, start_redis, stop_redis, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AVAILABLE, reason="needs the redis-server binary")]
@@ -54,7 +54,7 @@ def server(redis_port: int, settings: Settings, default_model_dir: Path, tmp_pat
     )
     live = start_server(env, tmp_path)
     yield live
-    stop_server(live)
+    stop_process(live.process)
 
 
 def complete(client: openai.OpenAI, prompt: str) -> str:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import shutil
-import socket
-import subprocess
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -33,26 +30,22 @@ from service.metrics import Metrics
 from service.reloader import CheckpointRefused, DrafterReloader, UnknownVersion
 from service.sampling import SamplingParams
 
+from .conftest import free_port, redis_or_skip, scratch_prefix
+from .throwaway_redis import AVAILABLE as HAVE_REDIS_SERVER
+from .throwaway_redis import start_redis, stop_redis, wait_until
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TOKEN = "s3cret-admin-token"
 
 
 @pytest.fixture(scope="module")
 def rds() -> redis.Redis:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
-    return client
+    return redis_or_skip(REDIS_URL)
 
 
 @pytest.fixture
 def ns(rds: redis.Redis) -> Iterator[str]:
-    name = f"test-reload-{uuid.uuid4().hex[:8]}"
-    yield name
-    for key in rds.scan_iter(f"{name}:*"):
-        rds.delete(key)
+    yield from scratch_prefix(rds, "test-reload")
 
 
 @pytest.fixture(scope="module")
@@ -121,16 +114,7 @@ def next_message(sub, timeout: float = 2.0) -> dict | None:
 
 def wait_subscribed(rds: redis.Redis, ns: str) -> None:
     channel = checkpoints.updates_channel(ns)
-    assert wait_for(lambda: rds.pubsub_numsub(channel)[0][1] >= 1), "the reloader did not subscribe"
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+    assert wait_until(lambda: rds.pubsub_numsub(channel)[0][1] >= 1, 10.0), "the reloader did not subscribe"
 
 
 def reloads(metrics: Metrics, outcome: str) -> float:
@@ -218,7 +202,7 @@ def test_publish_swaps_the_drafter(rds, ns, target, save, ckdir: Path) -> None:
             version, path = save()
             t0 = time.monotonic()
             checkpoints.publish_version(rds, version, path, namespace=ns)
-            assert wait_for(lambda v=version: serving(engine) == ("eagle3", str(v)), timeout=5.0)
+            assert wait_until(lambda v=version: serving(engine) == ("eagle3", str(v)), timeout=5.0)
             assert time.monotonic() - t0 < 5.0
         assert reloads(metrics, "ok") == 2 and reloads(metrics, "refused") == 0
         info = metrics.drafter_info.labels(kind="eagle3", version="2")._value.get()
@@ -235,7 +219,7 @@ def test_polling_picks_up_a_missed_message(rds, ns, target, save, ckdir: Path) -
         wait_subscribed(rds, ns)
         payload = checkpoints.pointer_payload(version, path)  # SET without PUBLISH: the message is "lost"
         rds.set(checkpoints.pointer_key(ns), json.dumps(payload))
-        assert wait_for(lambda: serving(engine) == ("eagle3", "1"), timeout=5.0)
+        assert wait_until(lambda: serving(engine) == ("eagle3", "1"), timeout=5.0)
         assert reloads(metrics, "ok") == 1
     finally:
         reloader.stop()
@@ -255,10 +239,10 @@ def test_bad_checkpoint_is_refused_once(rds, ns, target, save, ckdir: Path, dama
     reloader.start()
     try:
         checkpoints.publish_version(rds, good, good_path, namespace=ns)
-        assert wait_for(lambda: serving(engine) == ("eagle3", str(good)))
+        assert wait_until(lambda: serving(engine) == ("eagle3", str(good)), 10.0)
         with caplog.at_level("ERROR", logger="service.reloader"):
             checkpoints.publish_version(rds, bad, bad_path, namespace=ns)
-            assert wait_for(lambda: reloads(metrics, "refused") == 1)
+            assert wait_until(lambda: reloads(metrics, "refused") == 1, 10.0)
             time.sleep(1.5)  # ~7 polls: a refused, unchanged checkpoint is not tried again
         assert serving(engine) == ("eagle3", str(good))
         assert reloads(metrics, "refused") == 1 and reloads(metrics, "ok") == 1
@@ -279,7 +263,7 @@ def test_bad_checkpoint_is_refused_once(rds, ns, target, save, ckdir: Path, dama
         shutil.copytree(good_path, bad_path)
         manifest = bad_path / eagle3.MANIFEST_FILE
         manifest.write_text(manifest.read_text().replace(f'"version": {good},', f'"version": {bad},'))
-        assert wait_for(lambda: serving(engine) == ("eagle3", str(bad)), timeout=5.0)
+        assert wait_until(lambda: serving(engine) == ("eagle3", str(bad)), timeout=5.0)
     finally:
         reloader.stop()
 
@@ -297,36 +281,7 @@ def test_mismatched_target_is_refused(rds, ns, target, save, ckdir: Path) -> Non
     assert "target" in reloader.status()["refused"][0]["reason"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_redis(port: int, workdir: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    assert wait_for(lambda: _pings(client), timeout=10.0), "redis-server did not start"
-    return proc
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-
-
-def stop_redis(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
+@pytest.mark.skipif(not HAVE_REDIS_SERVER, reason="needs the redis-server binary")
 def test_redis_outage_keeps_serving_and_recovers(target, save, ckdir: Path, tmp_path: Path) -> None:
     """A private redis-server: down at start, up, killed, up again."""
     port = free_port()
@@ -335,30 +290,29 @@ def test_redis_outage_keeps_serving_and_recovers(target, save, ckdir: Path, tmp_
     v2, p2 = save()
     reloader, engine, metrics, _ = make_reloader(target, ckdir, "draftloop", poll=0.3, url=url)
     reloader.start()  # Redis is not there yet
-    proc = None
+    server = None
     try:
         time.sleep(1.0)
         assert reloader.running and not reloader._redis_ok and serving(engine) == ("ngram", "0")
         assert reloader.status()["redis"].startswith("unavailable")
 
-        proc = start_redis(port, tmp_path)
-        client = redis.Redis.from_url(url)
-        checkpoints.publish_version(client, v1, p1)
-        assert wait_for(lambda: serving(engine) == ("eagle3", "1"), timeout=10.0)
+        server = start_redis(port, tmp_path)
+        checkpoints.publish_version(server, v1, p1)
+        assert wait_until(lambda: serving(engine) == ("eagle3", "1"), timeout=10.0)
 
-        stop_redis(proc)  # Redis dies: the drafter keeps serving, the thread lives
-        proc = None
+        stop_redis(server)  # Redis dies: the drafter keeps serving, the thread lives
+        server = None
         time.sleep(1.5)
         assert reloader.running and not reloader._redis_ok and serving(engine) == ("eagle3", "1")
 
-        proc = start_redis(port, tmp_path)  # an empty Redis comes back
-        checkpoints.publish_version(redis.Redis.from_url(url), v2, p2)
-        assert wait_for(lambda: serving(engine) == ("eagle3", "2"), timeout=10.0)
+        server = start_redis(port, tmp_path)  # an empty Redis comes back
+        checkpoints.publish_version(server, v2, p2)
+        assert wait_until(lambda: serving(engine) == ("eagle3", "2"), timeout=10.0)
         assert reloader._redis_ok and reloads(metrics, "refused") == 0
     finally:
         reloader.stop()
-        if proc is not None:
-            stop_redis(proc)
+        if server is not None:
+            stop_redis(server)
     assert not reloader.running
 
 

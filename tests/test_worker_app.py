@@ -17,6 +17,8 @@ from service.config import get_settings
 from worker.app import OPD_UPDATE_TASK, TASK_SOFT_TIME_LIMIT_S, TASK_TIME_LIMIT_S, app
 from worker.lock import lock_key, training_lock
 
+from .conftest import redis_or_skip
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,12 +58,7 @@ def test_app_reads_settings_from_env_and_imports_standalone() -> None:
 
 @pytest.fixture
 def r() -> redis.Redis:
-    client = redis.Redis.from_url(get_settings().redis_url, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis at settings.redis_url")
-    return client
+    return redis_or_skip(get_settings().redis_url)
 
 
 def test_training_lock_excludes_a_second_holder(r: redis.Redis) -> None:
