@@ -12,15 +12,13 @@ deleted at the end; the JSON also says how many were written and dropped."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
-from pathlib import Path
 
 import redis
 
-from benchmarks.speedup import EngineMethod, device_name, measure
+from benchmarks.speedup import EngineMethod, device_name, measure, measurement_args
 from service.config import Settings
 from service.metrics import Metrics
 from service.runtime import build_block_sink, build_drafter, load_target
@@ -31,12 +29,7 @@ GOAL = 0.03
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results/blocklog_overhead.json"))
-    ap.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...}; default: the held-out split')
-    ap.add_argument("--num-prompts", type=int, default=10)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = measurement_args(__doc__, "results/blocklog_overhead.json", repeats=5)
     ap.add_argument("--drafter", default="auto", help="as DRAFTLOOP_DRAFTER (auto: newest eagle3, else ngram)")
     ap.add_argument("--dtype", help="target weights; default: DRAFTLOOP_DTYPE")
     args = ap.parse_args(argv)

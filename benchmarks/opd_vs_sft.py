@@ -119,19 +119,12 @@ class Plan:
     threads: int = 1
 
 
+# `--quick`: every phase on a tiny scale (tests/test_opd_vs_sft.py), by phase
 QUICK = Plan(
-    sft_prompts=24,
-    sft_max_new_tokens=32,
-    gen_batch_size=24,
-    draft_vocab_size=2048,
-    sft_max_epochs=3,
-    batch_tokens=1024,
-    rollout_prompts=6,
-    rollout_max_tokens=32,
-    budget_epochs=0.5,
-    eval_prompts=3,
-    eval_max_tokens=24,
-    curve_points=1,
+    sft_prompts=24, sft_max_new_tokens=32, gen_batch_size=24, draft_vocab_size=2048,  # trajectories
+    sft_max_epochs=3, batch_tokens=1024,  # training
+    rollout_prompts=6, rollout_max_tokens=32,  # rollouts
+    eval_prompts=3, eval_max_tokens=24, curve_points=1,  # measurement
 )
 
 
@@ -263,17 +256,20 @@ class SFTRun:
     plateaued: bool
 
 
+PLAN_TO_SFT = {  # SFTConfig field <- Plan field
+    "num_prompts": "sft_prompts",
+    "max_new_tokens": "sft_max_new_tokens",
+    **{name: name for name in ("gen_batch_size", "draft_vocab_size", "batch_tokens", "seed")},
+}
+
+
 def sft_config(plan: Plan, n_batches: int) -> SFTConfig:
+    """train-sft's config with this plan's sizes, its LR schedule `sft_max_epochs` long."""
     steps = plan.sft_max_epochs * n_batches
     return SFTConfig(
-        num_prompts=plan.sft_prompts,
-        max_new_tokens=plan.sft_max_new_tokens,
-        gen_batch_size=plan.gen_batch_size,
-        draft_vocab_size=plan.draft_vocab_size,
-        batch_tokens=plan.batch_tokens,
+        **{field_name: getattr(plan, plan_name) for field_name, plan_name in PLAN_TO_SFT.items()},
         train_steps=steps,
         warmup_steps=max(1, min(SFTConfig.warmup_steps, steps // 20)),
-        seed=plan.seed,
         eval_prompts=0,
     )
 

@@ -210,13 +210,20 @@ def measure(
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("results/speedup.json"))
-    ap.add_argument("--prompts", type=Path, help="JSONL of {\"prompt\": ...}; default: built-in held-out split")
+def measurement_args(description: str | None, out: str, repeats: int) -> argparse.ArgumentParser:
+    """The flags every tokens/s benchmark takes: where the JSON goes, which
+    prompts, how many tokens each, how many timed passes."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(out))
+    ap.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...}; default: the held-out split')
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = measurement_args(__doc__, "results/speedup.json", repeats=3)
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=None)
     ap.add_argument("--drafters", default="ngram,eagle3", help="comma-separated kinds (also: draft_model)")
     ap.add_argument(
