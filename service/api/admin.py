@@ -106,9 +106,19 @@ def _status(reloader: DrafterReloader) -> AdminDrafterStatus:
     return AdminDrafterStatus.model_validate(reloader.status())
 
 
-def _unpin(reloader: DrafterReloader) -> AdminDrafterStatus:
+def _pin(reloader: DrafterReloader, version: int | None) -> AdminDrafterStatus:
+    """Pin `version` (None: unpin) and load it now; the reloader's errors as API errors."""
     try:
-        reloader.unpin()
+        if version is None:
+            reloader.unpin()
+        else:
+            reloader.pin(version)
+    except UnknownVersion as exc:
+        raise APIError(404, str(exc), param="version", code="version_not_found") from None
+    except CheckpointRefused as exc:
+        raise APIError(
+            409, f"Checkpoint v{version} refused: {exc}", param="version", code="checkpoint_refused"
+        ) from None
     except PointerUnavailable as exc:
         raise APIError(503, str(exc), type="server_error", code="redis_unavailable") from None
     return _status(reloader)
@@ -122,32 +132,20 @@ def get_drafter(reloader: ReloaderDep) -> AdminDrafterStatus:
 
 @router.post("/drafter", response_model=AdminDrafterStatus)
 def set_drafter(body: SetDrafterRequest, reloader: ReloaderDep) -> AdminDrafterStatus:
-    if body.version is None:
-        if not body.unpin:
-            raise APIError(
-                400,
-                'Give a version to pin, or {"version": null, "unpin": true}.',
-                param="version",
-                code="missing_required_parameter",
-            )
-        return _unpin(reloader)
-    if body.unpin:
+    if body.version is None and not body.unpin:
+        raise APIError(
+            400,
+            'Give a version to pin, or {"version": null, "unpin": true}.',
+            param="version",
+            code="missing_required_parameter",
+        )
+    if body.version is not None and body.unpin:
         raise APIError(
             400, "Give either a version to pin or unpin: true, not both.", param="unpin", code="invalid_value"
         )
-    try:
-        reloader.pin(body.version)
-    except UnknownVersion as exc:
-        raise APIError(404, str(exc), param="version", code="version_not_found") from None
-    except CheckpointRefused as exc:
-        raise APIError(
-            409, f"Checkpoint v{body.version} refused: {exc}", param="version", code="checkpoint_refused"
-        ) from None
-    except PointerUnavailable as exc:
-        raise APIError(503, str(exc), type="server_error", code="redis_unavailable") from None
-    return _status(reloader)
+    return _pin(reloader, body.version)
 
 
 @router.delete("/drafter/pin", response_model=AdminDrafterStatus)
 def delete_pin(reloader: ReloaderDep) -> AdminDrafterStatus:
-    return _unpin(reloader)
+    return _pin(reloader, None)

@@ -180,26 +180,25 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class CompletionResponse(BaseModel):
+class _CompletionBody(BaseModel):
+    """The fields a completion and each of its stream events share."""
+
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     system_fingerprint: str
     choices: list[CompletionChoice]
+
+
+class CompletionResponse(_CompletionBody):
     usage: Usage
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_CompletionBody):
     """One SSE event of a streamed completion; the optional last one carries
     `usage` and no choices (stream_options.include_usage)."""
 
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    system_fingerprint: str
-    choices: list[CompletionChoice]
     usage: Usage | None = None
 
 
