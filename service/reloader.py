@@ -96,6 +96,7 @@ class DrafterReloader:
         redis: Redis | None = None,
         loaders: Mapping[str, Loader] | None = None,  # None: the drafter registry
     ):
+        # plain attribute copies, like BlockLogger.__init__'s: deliberate boilerplate
         self.engine = engine
         self.target = target
         self.settings = settings

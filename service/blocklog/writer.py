@@ -58,6 +58,7 @@ class BlockLogger:
         socket_timeout_s: float = 1.0,
         backoff_s: tuple[float, float] = (0.5, 2.0),
     ) -> None:
+        # plain attribute copies, like DrafterReloader.__init__'s: deliberate boilerplate
         self.stream = stream
         self.maxlen = maxlen
         self.metrics = metrics

@@ -189,7 +189,11 @@ def opd_loss_reference(
     mode: Mode = "opd",
     block_weight: Tensor | None = None,  # (B,)
 ) -> OPDLoss:
-    """`opd_loss` written as plain loops over blocks, rows and vocabulary ids."""
+    """`opd_loss` written as plain loops over blocks, rows and vocabulary ids.
+
+    A deliberate duplicate: its signature repeats `opd_loss`'s (and `_check`'s)
+    and its body restates the rule, so that it reads on its own as the
+    specification the fast version is tested against (tests/test_opd_loss.py)."""
     _check(q_logp, p_acc, p_rej, num_accepted, num_draft, mode)
     acc_sum, rej_sum = q_logp.new_zeros(()), q_logp.new_zeros(())
     acc_w, rej_w = 0.0, 0.0
