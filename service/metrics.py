@@ -1,7 +1,8 @@
 """Prometheus metrics and the one stats object that feeds them.
 
-Names follow DESIGN §9: prefix `draftloop_`, counters end in `_total`, base
-units; rates (acceptance rate, tokens/s) are left to PromQL."""
+Names follow docs/architecture.md ("Where to add … a metric"): prefix
+`draftloop_`, counters end in `_total`, base units; rates (acceptance rate,
+tokens/s) are left to PromQL."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Sampling and lossless verification math (DESIGN §5): pure tensor functions,
-randomness only through an explicit torch.Generator."""
+"""Sampling and lossless verification math (docs/architecture.md, "The math,
+and where it lives"): pure tensor functions, randomness only through an
+explicit torch.Generator."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """/metrics after known requests, parsed with prometheus_client's own text
-parser: names of DESIGN §9, consistent spec-decode counters, and the τ they
-imply equal to the τ the engine measured itself (GET /health)."""
+parser: the metric names (README "Metrics"; naming rules in
+docs/architecture.md, "Where to add … a metric"), consistent spec-decode
+counters, and the τ they imply equal to the τ the engine measured itself
+(GET /health)."""
 
 from __future__ import annotations
 

@@ -145,7 +145,7 @@ def test_expected_tau_and_beta_by_hand():
     k = torch.tensor([4, 4, 2])
     tau = expected_tau(beta, k)
     a = 0.5
-    assert tau[0] == pytest.approx((1 - a**5) / (1 - a))  # i.i.d. acceptance (DESIGN §5)
+    assert tau[0] == pytest.approx((1 - a**5) / (1 - a))  # i.i.d. acceptance: docs/architecture.md "The math"
     assert tau[1] == pytest.approx(2.0)  # stops at the first sure rejection
     assert tau[2] == pytest.approx(1 + 0.9 + 0.81)  # only K = 2 rows count
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP API (DESIGN §9).
+"""The OpenAI-compatible HTTP API (docs/architecture.md, "Flow 1: one request").
 
 - `app`: `create_app()`, the FastAPI application and its thin routes
 - `protocol`: pydantic request / response models
