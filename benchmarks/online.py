@@ -32,11 +32,7 @@ speedup_vs_target_only, ...; `rounds`: every update, published or not; the
 goal, τ on held-out prompts >= 1.10 x the SFT drafter's, and whether it is
 met) and a plot of τ per version next to it (`.png`).
 
-Full-run time with the defaults (float32 target, OMP_NUM_THREADS=1, the shared
-2-core dev CPU): about 25 min -- per round ~2.5 min serving 24 x 64 tokens, ~0.5
-min of OPD, ~1.5 min evaluating a published version (8 x 64 tokens, drafted and
-target-only); less when updates are not published. `--dtype bfloat16` decodes
-about 1.45x faster on a CPU with AVX512-BF16. `--quick` takes about 40 s."""
+Run times (full and `--quick`, float32 and bfloat16) are in docs/results.md."""
 
 from __future__ import annotations
 
@@ -64,10 +60,9 @@ from worker.train.rollouts import BlockCollector, serve_for_blocks
 log = logging.getLogger("benchmarks.online")
 
 GOAL_RATIO = 1.10  # held-out τ of the final version over the SFT drafter's
-# A round here has ~1000 blocks, a worker run up to 4096: smaller batches and more
-# epochs give the update enough optimizer steps to move (the update is ~10% of a
-# round's time; measured on one round's blocks, 4 epochs at the worker's lr beat
-# 2 epochs, and lr 1e-3).
+# A round here has far fewer blocks than a worker run takes: smaller batches and
+# more epochs give the update enough optimizer steps to move (why these two
+# values: docs/results.md, "Figures formerly in code comments").
 OPD_DEFAULTS: dict[str, Any] = {"batch_tokens": 512, "epochs": 4}
 
 

@@ -59,8 +59,8 @@ def commands(settings: Settings) -> dict[str, list[str]]:
 def thread_envs(settings: Settings, cpus: int | None = None) -> dict[str, dict[str, str]]:
     """Per-process OpenMP threads on a CPU: the server and the worker each get half
     the cores. Two torch processes that both take every core (OpenMP's default)
-    slowed each other 10-40x on our 2-core box whenever the worker trained while
-    the server decoded. An explicit OMP_NUM_THREADS in the environment wins."""
+    slow each other many times over whenever the worker trains while the server
+    decodes (docs/results.md). An explicit OMP_NUM_THREADS in the environment wins."""
     from .runtime import pick_device
 
     if "OMP_NUM_THREADS" in os.environ or pick_device(settings.device).type != "cpu":
