@@ -213,7 +213,8 @@ def measure(
 def measurement_args(description: str | None, out: str, repeats: int) -> argparse.ArgumentParser:
     """The flags every tokens/s benchmark takes: where the JSON goes, which
     prompts, how many tokens each, how many timed passes."""
-    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    ap = argparse.ArgumentParser(description=description, formatter_class=formatter)
     ap.add_argument("--out", type=Path, default=Path(out))
     ap.add_argument("--prompts", type=Path, help='JSONL of {"prompt": ...}; default: the held-out split')
     ap.add_argument("--num-prompts", type=int, default=10)

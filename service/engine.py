@@ -80,8 +80,9 @@ class StepTiming:
         self.other_s += other
 
     def per_step_ms(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        return {k: 1000 * v / n for k, v in (("draft", self.draft_s), ("verify", self.verify_s), ("other", self.other_s))}
+        steps = max(self.steps, 1)
+        parts = (("draft", self.draft_s), ("verify", self.verify_s), ("other", self.other_s))
+        return {name: 1000 * seconds / steps for name, seconds in parts}
 
 
 class Engine:
@@ -124,25 +125,26 @@ class Engine:
     # ---- one sequence ------------------------------------------------------
     def start(self, seq: Sequence) -> StepOutput:
         """Prefill the prompt and emit the first token."""
-        p = seq.params
+        params = seq.params
         seq.drafter = self.drafter
-        seq.capacity = len(seq.prompt_ids) + p.max_tokens + self.k + 1
+        seq.capacity = len(seq.prompt_ids) + params.max_tokens + self.k + 1
         seq.cache = self.target.new_cache(seq.capacity)
-        seq.gen = make_generator(p.seed, self.target.device)
+        seq.gen = make_generator(params.seed, self.target.device)
         seq.tokens = list(seq.prompt_ids)
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.target.device)
-        want_prompt_lp = p.echo and p.logprobs is not None
-        _, h, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
-        logits = self.target.lm_head(h if want_prompt_lp else h[-1:])
-        tok = self._pick(logits[-1:], p, seq.gen)
-        seq.tokens.append(tok)  # the next token: emitted, not yet in the target cache
+        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.target.device)  # (P,)
+        want_prompt_logprobs = params.echo and params.logprobs is not None
+        # hidden: (P, d) final normed hidden; taps: (P, d) residual streams of the drafter's layers
+        _, hidden, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
+        logits = self.target.lm_head(hidden if want_prompt_logprobs else hidden[-1:])  # (P or 1, V)
+        first = self._pick(logits[-1:], params, seq.gen)
+        seq.tokens.append(first)  # the next token: emitted, not yet in the target cache
         seq.drafter.begin(seq, taps)
         if self.block_sink is not None:  # the first token is a block with K = 0
-            self._log_block(seq, Proposal([], None, []), logits[-1:], 0, tok, len(seq.prompt_ids))
-        out = self._emit(seq, [tok], logits[-1:])
-        if want_prompt_lp:
-            lp, top = _logprobs(logits[:-1], seq.prompt_ids[1:], p.logprobs or 0)
-            out.prompt_logprobs = [None, *lp]
+            self._log_block(seq, Proposal([], None, []), logits[-1:], 0, first, len(seq.prompt_ids))
+        out = self._emit(seq, [first], logits[-1:])
+        if want_prompt_logprobs:
+            chosen, top = _logprobs(logits[:-1], seq.prompt_ids[1:], params.logprobs or 0)
+            out.prompt_logprobs = [None, *chosen]
             out.prompt_top_logprobs = [None, *top]
         if self.metrics is not None:
             self.metrics.prompt_tokens.inc(len(seq.prompt_ids))
@@ -151,56 +153,71 @@ class Engine:
 
     def step(self, seq: Sequence) -> StepOutput:
         """One draft -> verify -> accept step."""
-        p, cache = seq.params, seq.cache
-        t0 = time.perf_counter()
-        k = max(0, min(self.k, seq.remaining - 1, cache.capacity - len(seq.tokens) - 1))
-        proposal = seq.drafter.propose(seq, k, p, seq.gen) if k else Proposal([], None, [])
+        params, cache = seq.params, seq.cache
+        t_start = time.perf_counter()
+        num_draft = max(0, min(self.k, seq.remaining - 1, cache.capacity - len(seq.tokens) - 1))
+        proposal = Proposal([], None, [])
+        if num_draft:
+            proposal = seq.drafter.propose(seq, num_draft, params, seq.gen)
         drafted = proposal.tokens
-        start_len = cache.length
+        cached_len = cache.length  # the last emitted token is not in the cache yet
         context = len(seq.tokens)
-        t1 = time.perf_counter()
+        t_drafted = time.perf_counter()
+        # the last emitted token, then the K drafted ones: (K+1,)
         ids = torch.tensor([seq.tokens[-1], *drafted], dtype=torch.long, device=self.target.device)
-        logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)
-        t2 = time.perf_counter()
-        draft_t = ids[1:]
-        if p.greedy:
-            n, nxt = greedy_verify(draft_t, logits)
+        logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)  # logits: (K+1, V)
+        t_verified = time.perf_counter()
+        draft_ids = ids[1:]  # (K,)
+        if params.greedy:
+            num_accepted, next_token = greedy_verify(draft_ids, logits)
         else:
-            n, nxt = rejection_verify(draft_t, proposal.probs, target_probs(logits, p), seq.gen)
-        cache.rollback(start_len + 1 + n)
-        self.stats.observe_draft(len(drafted), n)
-        seq.tokens.extend(drafted[:n])
-        seq.tokens.append(nxt)
-        seq.drafter.commit(seq, n, taps)
+            num_accepted, next_token = rejection_verify(
+                draft_ids, proposal.probs, target_probs(logits, params), seq.gen
+            )
+        cache.rollback(cached_len + 1 + num_accepted)
+        self.stats.observe_draft(len(drafted), num_accepted)
+        seq.tokens.extend(drafted[:num_accepted])
+        seq.tokens.append(next_token)
+        seq.drafter.commit(seq, num_accepted, taps)
         if self.block_sink is not None:
-            self._log_block(seq, proposal, logits, n, nxt, context)
-        out = self._emit(seq, [*drafted[:n], nxt], logits[: n + 1])
-        self.timing.add(t1 - t0, t2 - t1, time.perf_counter() - t2)
+            self._log_block(seq, proposal, logits, num_accepted, next_token, context)
+        out = self._emit(seq, [*drafted[:num_accepted], next_token], logits[: num_accepted + 1])
+        self.timing.add(t_drafted - t_start, t_verified - t_drafted, time.perf_counter() - t_verified)
         return out
 
-    def _pick(self, logits: Tensor, p: SamplingParams, gen: torch.Generator) -> int:
-        if p.greedy:
+    def _pick(
+        self,
+        logits: Tensor,  # (1, V)
+        params: SamplingParams,
+        gen: torch.Generator,
+    ) -> int:
+        if params.greedy:
             return int(logits[0].argmax())
-        return int(torch.multinomial(target_probs(logits, p)[0], 1, generator=gen))
+        return int(torch.multinomial(target_probs(logits, params)[0], 1, generator=gen))
 
-    def _emit(self, seq: Sequence, new: list[int], logits: Tensor) -> StepOutput:
+    def _emit(
+        self,
+        seq: Sequence,
+        new: list[int],
+        logits: Tensor,  # (len(new), V): the target's logits that predicted each new token
+    ) -> StepOutput:
         """Cut the new tokens at EOS / max_tokens and account for them."""
-        p = seq.params
+        params = seq.params
         finish = None
-        if not p.ignore_eos:
-            for i, t in enumerate(new):
-                if t in self.eos:
+        if not params.ignore_eos:
+            for i, token in enumerate(new):
+                if token in self.eos:
                     new, finish = new[:i], "stop"
                     break
         if len(new) >= seq.remaining:
             new = new[: seq.remaining]
             finish = finish or "length"
         seq.num_generated += len(new)
-        if seq.num_generated >= p.max_tokens and finish is None:
+        if seq.num_generated >= params.max_tokens and finish is None:
             finish = "length"
         out = StepOutput(new, finish_reason=finish)
-        if p.logprobs is not None and new:
-            out.logprobs, out.top_logprobs = _logprobs(logits[: len(new)], new, p.logprobs)
+        if params.logprobs is not None and new:
+            out.logprobs, out.top_logprobs = _logprobs(logits[: len(new)], new, params.logprobs)
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(new))
         return out
@@ -325,18 +342,21 @@ class Engine:
             self.metrics.request_latency.observe(time.perf_counter() - seq.arrival)
 
 
-def _logprobs(logits: Tensor, tokens: list[int], top_n: int) -> tuple[list[float], list[dict[int, float]]]:
-    """Target log-probs of `tokens` (one per row) and the top_n alternatives.
-    logits: (T, V); tokens: T ids."""
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    idx = torch.tensor(tokens, dtype=torch.long, device=lsm.device)  # long even when empty
-    chosen = lsm[torch.arange(len(tokens), device=lsm.device), idx].tolist()
+def _logprobs(
+    logits: Tensor,  # (T, V)
+    tokens: list[int],  # T ids, one per row
+    top_n: int,
+) -> tuple[list[float], list[dict[int, float]]]:
+    """Target log-probs of `tokens` (one per row) and the top_n alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
+    token_ids = torch.tensor(tokens, dtype=torch.long, device=logp.device)  # (T,), long even when empty
+    chosen = logp[torch.arange(len(tokens), device=logp.device), token_ids].tolist()
     tops: list[dict[int, float]] = []
     if top_n > 0:
-        vals, ids = torch.topk(lsm, top_n, dim=-1)
-        tops = [dict(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())]
+        top_values, top_ids = torch.topk(logp, top_n, dim=-1)  # (T, top_n) each
+        tops = [dict(zip(ids, values)) for ids, values in zip(top_ids.tolist(), top_values.tolist())]
     else:
         tops = [{} for _ in tokens]
-    for d, t, c in zip(tops, tokens, chosen):
-        d.setdefault(t, c)  # OpenAI includes the chosen token among the alternatives
+    for alternatives, token, token_logp in zip(tops, tokens, chosen):
+        alternatives.setdefault(token, token_logp)  # OpenAI includes the chosen token among the alternatives
     return chosen, tops

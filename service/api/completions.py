@@ -89,41 +89,41 @@ class Choice:
         self.started = False
 
     def consume(self, out: StepOutput) -> ChoiceDelta:
-        lp = Logprobs() if self.want_logprobs else None
+        logprobs = Logprobs() if self.want_logprobs else None
         prefix = ""
         if not self.started:
             self.started = True
             if self.echo:
                 prefix = self.prompt.text
-                if lp is not None:
-                    self._prompt_logprobs(lp, out)
+                if logprobs is not None:
+                    self._prompt_logprobs(logprobs, out)
         finish, used = None, 0
-        for i, tok in enumerate(out.token_ids):
+        for i, token in enumerate(out.token_ids):
             used += 1
-            if lp is not None:
-                lp.tokens.append(self._token_str(tok))
-                lp.token_logprobs.append(out.logprobs[i] if out.logprobs else None)
-                lp.top_logprobs.append(self._top(out.top_logprobs[i]) if out.top_logprobs else None)
-                lp.text_offset.append(self.base_offset + len(self.text.text))
-            if self.text.add(self.detok.add(tok)):
+            if logprobs is not None:
+                logprobs.tokens.append(self._token_str(token))
+                logprobs.token_logprobs.append(out.logprobs[i] if out.logprobs else None)
+                logprobs.top_logprobs.append(self._top(out.top_logprobs[i]) if out.top_logprobs else None)
+                logprobs.text_offset.append(self.base_offset + len(self.text.text))
+            if self.text.add(self.detok.add(token)):
                 finish = "stop"
                 break
         if finish is None and out.finish_reason is not None:
             finish = "stop" if self.text.add(self.detok.flush()) else out.finish_reason
         text = prefix + self.text.take(final=finish is not None)
-        return ChoiceDelta(self.index, text, lp, finish, used)
+        return ChoiceDelta(self.index, text, logprobs, finish, used)
 
-    def _prompt_logprobs(self, lp: Logprobs, out: StepOutput) -> None:
+    def _prompt_logprobs(self, logprobs: Logprobs, out: StepOutput) -> None:
         ids = self.prompt.ids
         values = out.prompt_logprobs or [None] * len(ids)
         tops = out.prompt_top_logprobs or [None] * len(ids)
         offset = 0
-        for tok, value, top in zip(ids, values, tops):
-            piece = self._token_str(tok)
-            lp.tokens.append(piece)
-            lp.token_logprobs.append(value)
-            lp.top_logprobs.append(self._top(top) if top is not None else None)
-            lp.text_offset.append(offset)
+        for token, value, top in zip(ids, values, tops):
+            piece = self._token_str(token)
+            logprobs.tokens.append(piece)
+            logprobs.token_logprobs.append(value)
+            logprobs.top_logprobs.append(self._top(top) if top is not None else None)
+            logprobs.text_offset.append(offset)
             offset += len(piece)
 
     def _token_str(self, token_id: int) -> str:
@@ -158,8 +158,8 @@ class CompletionService:
             )
         prompts = await asyncio.to_thread(self._tokenize, req.prompts)
         max_tokens = req.max_tokens or DEFAULT_MAX_TOKENS
-        for p in prompts:
-            self._check_prompt(p, max_tokens)
+        for prompt in prompts:
+            self._check_prompt(prompt, max_tokens)
         self.state.async_engine.check_capacity(len(prompts) * (req.n or 1))
         return prompts
 
@@ -182,17 +182,17 @@ class CompletionService:
             out.append(PromptInput(list(ids), self.tokenizer.decode(list(ids))))
         return out
 
-    def _check_prompt(self, p: PromptInput, max_tokens: int) -> None:
-        if not p.ids:
+    def _check_prompt(self, prompt: PromptInput, max_tokens: int) -> None:
+        if not prompt.ids:
             raise APIError(400, "'prompt' must not be empty (it encodes to no tokens).", param="prompt")
         limit = self.state.settings.max_model_len
-        if len(p.ids) + max_tokens > limit:
+        if len(prompt.ids) + max_tokens > limit:
             raise APIError(
                 400,
                 f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(p.ids) + max_tokens} tokens ({len(p.ids)} in your prompt; {max_tokens} for the "
-                "completion). Please reduce your prompt or completion length.",
-                param="prompt" if len(p.ids) >= limit else "max_tokens",
+                f"{len(prompt.ids) + max_tokens} tokens ({len(prompt.ids)} in your prompt; "
+                f"{max_tokens} for the completion). Please reduce your prompt or completion length.",
+                param="prompt" if len(prompt.ids) >= limit else "max_tokens",
                 code="context_length_exceeded",
             )
 
@@ -200,21 +200,21 @@ class CompletionService:
     async def create(self, req: CompletionRequest, prompts: list[PromptInput]) -> CompletionResponse:
         request_id, created = _new_id(), int(time.time())
         fingerprint = self.state.system_fingerprint
-        num = len(prompts) * (req.n or 1)
-        texts: list[list[str]] = [[] for _ in range(num)]
-        logprobs = [Logprobs() if req.logprobs is not None else None for _ in range(num)]
-        finish: list[str | None] = [None] * num
+        num_choices = len(prompts) * (req.n or 1)
+        texts: list[list[str]] = [[] for _ in range(num_choices)]
+        logprobs = [Logprobs() if req.logprobs is not None else None for _ in range(num_choices)]
+        finish: list[str | None] = [None] * num_choices
         completion_tokens = 0
         async with aclosing(self._deltas(req, prompts, request_id)) as deltas:
-            async for d in deltas:
-                texts[d.index].append(d.text)
-                if d.logprobs is not None:
-                    _extend(logprobs[d.index], d.logprobs)
-                finish[d.index] = d.finish_reason or finish[d.index]
-                completion_tokens += d.num_tokens
+            async for delta in deltas:
+                texts[delta.index].append(delta.text)
+                if delta.logprobs is not None:
+                    _extend(logprobs[delta.index], delta.logprobs)
+                finish[delta.index] = delta.finish_reason or finish[delta.index]
+                completion_tokens += delta.num_tokens
         choices = [
             CompletionChoice(index=i, text="".join(texts[i]), logprobs=logprobs[i], finish_reason=finish[i])
-            for i in range(num)
+            for i in range(num_choices)
         ]
         return CompletionResponse(
             id=request_id,
@@ -239,12 +239,16 @@ class CompletionService:
         completion_tokens = 0
         try:
             async with aclosing(self._deltas(req, prompts, request_id)) as deltas:
-                async for d in deltas:
-                    completion_tokens += d.num_tokens
-                    if not d.text and d.finish_reason is None and not (d.logprobs and d.logprobs.tokens):
+                async for delta in deltas:
+                    completion_tokens += delta.num_tokens
+                    held_back = not (delta.logprobs and delta.logprobs.tokens)
+                    if not delta.text and delta.finish_reason is None and held_back:
                         continue  # nothing to tell yet (text held back)
                     choice = CompletionChoice(
-                        index=d.index, text=d.text, logprobs=d.logprobs, finish_reason=d.finish_reason
+                        index=delta.index,
+                        text=delta.text,
+                        logprobs=delta.logprobs,
+                        finish_reason=delta.finish_reason,
                     )
                     yield sse(CompletionChunk(**head, choices=[choice]).model_dump_json())
             if req.stream_options is not None and req.stream_options.include_usage:
@@ -271,14 +275,14 @@ class CompletionService:
         """All choices run concurrently in the engine, one task each; their
         deltas arrive here in the order they are produced. Closing this
         generator cancels every unfinished choice."""
-        n = req.n or 1
+        samples = req.n or 1
         queue: asyncio.Queue[ChoiceDelta | asyncio.Task] = asyncio.Queue()
         tasks: list[asyncio.Task] = []
         for i, prompt in enumerate(prompts):
-            for j in range(n):
-                choice = Choice(i * n + j, prompt, req, self.tokenizer)
+            for sample in range(samples):
+                choice = Choice(i * samples + sample, prompt, req, self.tokenizer)
                 outputs = self.state.async_engine.generate(
-                    prompt.ids, sampling_params(req, j), f"{request_id}-{choice.index}"
+                    prompt.ids, sampling_params(req, sample), f"{request_id}-{choice.index}"
                 )
                 task = asyncio.create_task(_run_choice(choice, outputs, queue))
                 task.add_done_callback(queue.put_nowait)  # the task itself marks its end
