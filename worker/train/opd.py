@@ -1,7 +1,7 @@
 """The Draft-OPD trainer: served blocks -> replay of the drafter at the served
 block starts -> Draft-OPD loss -> a better EAGLE-3 head, gated by the offline
 held-out evaluation (`worker.train.evaluate`); see docs/architecture.md. No
-Celery, no Redis here: `worker.tasks` feeds it records and token contexts read
+Celery, no Redis here: `worker.update` feeds it records and token contexts read
 from the block log; a benchmark can feed it records it produced in-process.
 
 Replay (checked against `Eagle3Drafter.propose` in tests/test_opd.py): a block
