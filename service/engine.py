@@ -199,7 +199,7 @@ class Engine:
         self,
         seq: Sequence,
         new: list[int],
-        logits: Tensor,  # (len(new), V): the target's logits that predicted each new token
+        logits: Tensor,  # (len(new), V) before the cut: row i is the target's logits that predicted new[i]
     ) -> StepOutput:
         """Cut the new tokens at EOS / max_tokens and account for them."""
         params = seq.params
@@ -256,7 +256,9 @@ class Engine:
         seq.cache = None
 
     # ---- synchronous use (tests, benchmarks, training rollouts) -------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> list[int]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> list[int]:
         """Run one sequence to completion on the calling thread."""
         seq = Sequence(request_id or f"sync-{next(self._ids)}", list(prompt_ids), params, lambda _: None)
         out_tokens: list[int] = []
