@@ -116,9 +116,8 @@ def _pin(reloader: DrafterReloader, version: int | None) -> AdminDrafterStatus:
     except UnknownVersion as exc:
         raise APIError(404, str(exc), param="version", code="version_not_found") from None
     except CheckpointRefused as exc:
-        raise APIError(
-            409, f"Checkpoint v{version} refused: {exc}", param="version", code="checkpoint_refused"
-        ) from None
+        which = "The newest checkpoint" if version is None else f"Checkpoint v{version}"
+        raise APIError(409, f"{which} refused: {exc}", param="version", code="checkpoint_refused") from None
     except PointerUnavailable as exc:
         raise APIError(503, str(exc), type="server_error", code="redis_unavailable") from None
     return _status(reloader)
