@@ -139,3 +139,13 @@ def test_a_broken_head_is_refused_against_ngram(target, settings):
     assert out.requests == 4 and out.k == settings.num_speculative_tokens
     assert not out.publish and out.candidate_tau <= out.incumbent_tau, out
     assert out.as_dict()["low"] is not None
+
+
+def test_a_staged_checkpoint_is_invisible_until_unstaged(tmp_path):
+    from service import checkpoints
+    from worker.publish_gate import stage, unstage
+
+    path = checkpoints.save_version(tmp_path, "eagle3", lambda tmp: {"kind": "eagle3"})
+    staged = stage(path, tmp_path)
+    assert checkpoints.list_versions(tmp_path) == [] and staged.parent.name == "unpublished"
+    assert unstage(staged, path) == path and checkpoints.list_versions(tmp_path) == [1]

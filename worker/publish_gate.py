@@ -1,9 +1,10 @@
 """Whether the worker publishes a trained head: the one decision both update
 paths (the SFT bootstrap and Draft-OPD, `worker.update`) take, by
 `worker.train.gate` against the drafter the servers serve, built as they
-build it (`service.runtime.build_drafter`, following the Redis pointer). A
-refused bootstrap checkpoint is moved out of the store, so neither a server
-without a pointer nor the next run serves it."""
+build it (`service.runtime.build_drafter`, following the Redis pointer). The
+bootstrap's checkpoint is moved out of the store while it is judged (`stage`)
+and back only when published (`unstage`), so neither a server starting
+without a pointer nor the next run serves a refused one."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-REFUSED_DIR = "refused"  # under the checkpoint dir, beside the kinds' directories
+UNPUBLISHED_DIR = "unpublished"  # under the checkpoint dir, beside the kinds' directories
 
 
 def serving_drafter(r: redis.Redis, settings: Settings, target: Target, before_eagle3: bool = False) -> Drafter:
@@ -72,16 +73,29 @@ def publish_decision(
     return run_gate(target, incumbent, candidate, prompts, k, cfg)
 
 
-def set_aside(path: Path, checkpoint_dir: Path) -> Path:
-    """Move a refused version directory to `<checkpoint_dir>/refused/<kind>-v{N}-<UTC
-    time>` (one rename): kept for inspection, invisible to every loader."""
-    folder = Path(checkpoint_dir) / REFUSED_DIR
+def _move(src: Path, dest: Path) -> None:
+    try:
+        os.rename(src, dest)  # atomic on one file system
+    except OSError:
+        shutil.move(str(src), str(dest))
+
+
+def stage(path: Path, checkpoint_dir: Path) -> Path:
+    """Move a version directory the gate has not passed out of the store, to
+    `<checkpoint_dir>/unpublished/<kind>-v{N}-<UTC time>`: invisible to every
+    loader; a refused one stays there for inspection."""
+    folder = Path(checkpoint_dir) / UNPUBLISHED_DIR
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     dest = folder / f"{path.parent.name}-{path.name}-{stamp}"
-    try:
-        os.rename(path, dest)
-    except OSError:  # another file system
-        shutil.move(str(path), str(dest))
-    log.info("refused checkpoint %s moved to %s", path, dest)
+    _move(path, dest)
+    log.info("checkpoint %s staged at %s until the gate decides", path, dest)
     return dest
+
+
+def unstage(staged: Path, path: Path) -> Path:
+    """Back into the store at `path` (the version it was written as) -> `path`."""
+    if path.exists():
+        raise FileExistsError(f"{path} was claimed while {staged} was judged")
+    _move(staged, path)
+    return path

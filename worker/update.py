@@ -6,8 +6,8 @@ One run, under the Redis training lock (the caller holds it):
 1. No loadable eagle3 checkpoint for this target yet: the SFT bootstrap
    (`worker.train.sft.train_sft`) trains one; it is published (version 1 on a
    fresh store) only when the gate (`worker.publish_gate`) finds it better than
-   what the servers serve without one (ngram for DRAFTLOOP_DRAFTER=auto), else
-   moved to `<checkpoint_dir>/refused/`; the run ends.
+   what the servers serve without one (ngram for DRAFTLOOP_DRAFTER=auto); it
+   stays out of the store until then (`<checkpoint_dir>/unpublished/`); the run ends.
 2. Fewer than DRAFTLOOP_OPD_MIN_BLOCKS blocks waiting for the consumer group
    (undelivered + pending, from XINFO GROUPS; nothing is consumed): return.
 3. Read the blocks with consumer group `opd` -- this consumer's pending entries
@@ -61,7 +61,7 @@ from service.config import Settings
 from service.drafters import eagle3
 
 from .app import TASK_SOFT_TIME_LIMIT_S
-from .publish_gate import publish_decision, set_aside
+from .publish_gate import publish_decision, stage, unstage
 from .train.config import OPDConfig, SFTConfig
 from .train.opd import opd_update as run_opd, save_update
 from .reports import latest_report, write_report
@@ -166,16 +166,17 @@ def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Prog
 
 
 def _bootstrap_outcome(r: redis.Redis, settings: Settings, target: Target, path: Path, version: int) -> dict[str, Any]:
-    """Publish the bootstrap checkpoint at `path` when the gate says so, else set it
-    aside -> the report's status, published, pointer_moved, new_version, checkpoint, gate."""
-    head = eagle3.load_head(path, target.model, target.model_id)[0]
+    """Publish the bootstrap checkpoint at `path` when the gate says so (it is out of
+    the store meanwhile), else leave it under `unpublished/` -> the report's status,
+    published, pointer_moved, new_version, checkpoint, gate."""
+    staged = stage(path, settings.checkpoint_dir)
+    head = eagle3.load_head(staged, target.model, target.model_id)[0]
     gate = publish_decision(r, settings, target, head, [], opd_config(settings), before_eagle3=True)
     if not gate.publish:
         log.info("bootstrap: not publishing v%d: %s", version, gate.reason)
-        aside = set_aside(path, settings.checkpoint_dir)
         return {"status": "not_published", "published": False, "pointer_moved": False, "new_version": None,
-                "checkpoint": str(aside), "gate": gate.as_dict()}  # fmt: skip
-    moved = checkpoints.publish_version(r, version, path)
+                "checkpoint": str(staged), "gate": gate.as_dict()}  # fmt: skip
+    moved = checkpoints.publish_version(r, version, unstage(staged, path))
     return {"status": "bootstrapped", "published": True, "pointer_moved": moved, "new_version": version,
             "checkpoint": str(path), "gate": gate.as_dict()}  # fmt: skip
 
