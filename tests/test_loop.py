@@ -1,9 +1,12 @@
 """The self-improving loop with its real parts: a real Redis, a real
 `celery -A worker.app worker` process and a real `draftloop serve` process.
 
-(a) the worker bootstraps v1 by SFT, the server follows it, requests write
-    block records, `opd_update` trains on them and publishes v2, the server
-    reloads it while it keeps serving, and `/metrics` shows it;
+(a) the worker bootstraps v1 by SFT and the gate refuses it against ngram (a
+    head trained for seconds does not draft longer); an operator publishes it
+    anyway, the server follows it, requests write block records,
+    `opd_update` trains on them and publishes v2 when the gate finds it
+    better, the server reloads it while it keeps serving, and `/metrics`
+    shows it;
 (b) the worker is SIGKILLed mid-training: no partial checkpoint is ever
     visible, and the next run trains on exactly the blocks left unacked;
 and, in-process, the task's bookkeeping: too few blocks consume nothing, a run
@@ -60,6 +63,7 @@ TINY_SFT = {
     "num_exchanges": 4,
     "exchange_max_tokens": 96,
 }
+TINY_GATE = {"gate_requests": 4, "gate_max_tokens": 16, "gate_resamples": 500}  # the publish gate's sizes
 TASK_TIMEOUT_S = 420.0
 
 pytestmark = pytest.mark.slow
@@ -260,7 +264,7 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         redis_db, ckdir, stream, settings.cache_dir,
         DRAFTLOOP_OPD_MIN_BLOCKS="60",
         DRAFTLOOP_SFT_BOOTSTRAP=json.dumps(TINY_SFT),
-        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 2, "batch_tokens": 512}),
+        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 4, "lr": 1e-3, "batch_tokens": 512, **TINY_GATE}),
     )
     r = redis.Redis.from_url(redis_db)
     watcher = CheckpointWatcher(ckdir)
@@ -277,11 +281,21 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
     traffic = None
     try:
         t0 = time.monotonic()
-        # 1. no drafter yet: the worker bootstraps v1 and publishes it
+        # 1. no drafter yet: the worker bootstraps v1, and the gate compares it with what the
+        # server serves meanwhile (ngram). A 2-step SFT head does not draft longer than ngram,
+        # so it is refused (issue #10: publishing it was a regression) and set aside.
         boot = run_task(app, worker)
-        assert boot["status"] == "bootstrapped" and boot["new_version"] == 1, boot
-        assert checkpoints.read_pointer(r)["version"] == 1
+        assert boot["status"] == "not_published" and boot["new_version"] is None, boot
+        gate = boot["gate"]
+        assert not gate["publish"] and gate["incumbent"].startswith("ngram") and gate["requests"] == 4, gate
+        assert gate["low"] is not None and gate["low"] <= 0.0
+        assert checkpoints.read_pointer(r) is None and checkpoints.list_versions(ckdir) == []
         t_boot = time.monotonic() - t0
+
+        # an operator serves it anyway (the rest of the loop needs an eagle3 version)
+        v1 = ckdir / eagle3.KIND_DIR / "v1"
+        os.rename(boot["checkpoint"], v1)
+        checkpoints.publish_version(r, 1, v1)
 
         # 2. the server (ngram until now, or v1 at start-up) serves v1
         def version() -> float | None:
@@ -304,16 +318,19 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         wait_for("block records", lambda: r.xlen(stream) >= 60, 60, (server,))
         n_blocks = r.xlen(stream)
 
-        # 4. opd_update trains on them and publishes v2 while requests keep coming
+        # 4. opd_update trains on them and the gate (real decoding, candidate vs the serving v1)
+        # publishes v2 while requests keep coming
         traffic = Traffic(url, prompts)
         traffic.start()
         t1 = time.monotonic()
         rep = run_task(app, worker)
         t_opd = time.monotonic() - t1
+        gate = rep["gate"]
         assert rep["status"] == "published" and rep["published"], rep
+        assert gate["publish"] and gate["incumbent"] == "eagle3 1" and gate["low"] > 0.0, gate
         assert (rep["base_version"], rep["new_version"]) == (1, 2)
         assert rep["entries"]["count"] >= n_blocks and rep["blocks"]["train_blocks"] > 0
-        assert rep["blocks"]["heldout_blocks"] > 0 and rep["tau_after"] >= rep["tau_before"]
+        assert rep["blocks"]["heldout_blocks"] > 0 and rep["blocks"]["off_policy"] == 0
         assert checkpoints.read_pointer(r)["version"] == 2
 
         # 5. the server reloads v2 between decode steps, without failing a request
@@ -332,11 +349,14 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         assert manifest["parent_version"] == 1 and manifest["trainer"] == "opd"
         assert manifest["trained_on"]["blocks"] == rep["blocks"]["train_blocks"]
         assert manifest["eval"] == {"tau_before": rep["tau_before"], "tau_after": rep["tau_after"]}
+        assert manifest["opd"]["gate"] == gate
         kinds = [(x["kind"], x["status"], x["new_version"]) for x in reports(ckdir)]
-        assert kinds == [("sft_bootstrap", "bootstrapped", 1), ("opd", "published", 2)]
+        assert kinds == [("sft_bootstrap", "not_published", None), ("opd", "published", 2)]
         assert r.xpending(stream, GROUP)["pending"] == 0
         print(f"\nloop timings: bootstrap {t_boot:.0f} s, opd_update {t_opd:.0f} s on {rep['entries']['count']} blocks, "
-              f"E[τ] {rep['tau_before']:.3f} -> {rep['tau_after']:.3f}, {len(traffic.ok)} requests during the update")
+              f"E[τ] {rep['tau_before']:.3f} -> {rep['tau_after']:.3f}, gate τ {gate['incumbent_tau']:.3f} -> "
+              f"{gate['candidate_tau']:.3f} [{gate['low']:+.3f}, {gate['high']:+.3f}], "
+              f"{len(traffic.ok)} requests during the update")
     finally:
         if traffic is not None and traffic.is_alive():
             traffic.stop()
