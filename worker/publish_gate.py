@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 UNPUBLISHED_DIR = "unpublished"  # under the checkpoint dir, beside the kinds' directories
 
 
-def serving_drafter(r: redis.Redis, settings: Settings, target: Target, before_eagle3: bool = False) -> Drafter:
+def serving_drafter(
+    r: redis.Redis, settings: Settings, target: Target, before_eagle3: bool = False
+) -> Drafter:
     """The drafter a server with these settings serves now; `before_eagle3`:
     what it serves while no eagle3 version exists (the bootstrap's incumbent:
     ngram for `auto`; target-only for `eagle3`, which cannot start without one)."""

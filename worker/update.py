@@ -165,7 +165,9 @@ def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Prog
     return report
 
 
-def _bootstrap_outcome(r: redis.Redis, settings: Settings, target: Target, path: Path, version: int) -> dict[str, Any]:
+def _bootstrap_outcome(
+    r: redis.Redis, settings: Settings, target: Target, path: Path, version: int
+) -> dict[str, Any]:
     """Publish the bootstrap checkpoint at `path` when the gate says so (it is out of
     the store meanwhile), else leave it under `unpublished/` -> the report's status,
     published, pointer_moved, new_version, checkpoint, gate."""
@@ -350,7 +352,8 @@ def _publish_if_better(
     report["gate"] = gate.as_dict()
     if not gate.publish:
         report["status"], report["published"] = "not_published", False
-        log.info("opd: not publishing: %s (offline E[τ] %s -> %s)", gate.reason, result.before.tau, result.after.tau)
+        log.info("opd: not publishing: %s (offline E[τ] %s -> %s)", gate.reason,
+                 result.before.tau, result.after.tau)
         return version
     if progress:
         progress("publishing", tau_before=gate.incumbent_tau, tau_after=gate.candidate_tau)

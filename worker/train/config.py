@@ -51,7 +51,7 @@ class OPDConfig(_Validated):
     offpolicy_decay: float = 0.5  # weight of a block drafted `age` versions ago: decay ** age
     max_age: int = 3  # blocks drafted more than this many versions ago are dropped
     tail: Tail = "auto"  # target tail per KL direction (worker.train.opd)
-    heldout_fraction: float = 0.1  # of request ids (fixed hash split): offline E[τ], the gate's served prompts
+    heldout_fraction: float = 0.1  # of request ids (fixed hash split): offline E[τ], the gate's prompts
     seed: int = 0
     context_vocab: bool = True  # as Eagle3Drafter: the request's own out-of-vocab ids join the draft vocab
     fast_bf16: bool | None = None  # bf16 autocast for training and features; None: where bf16 is fast

@@ -65,7 +65,9 @@ class GateResult:
 # the statistics
 
 
-def bootstrap_ci(diffs: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    diffs: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of `diffs` (paired per-request
     differences): resample them with replacement `resamples` times with a
     numpy Generator seeded by `seed` -> (low, high) at `level`."""
@@ -109,7 +111,9 @@ def decide(
 # decoding
 
 
-def request_taus(target: Any, drafter: Drafter, prompts: Sequence[Sequence[int]], k: int, max_tokens: int) -> list[float | None]:
+def request_taus(
+    target: Any, drafter: Drafter, prompts: Sequence[Sequence[int]], k: int, max_tokens: int
+) -> list[float | None]:
     """Greedy τ of each request through the real engine (`target`: a
     service.runtime.Target): (accepted + 1) averaged over the request's
     verify steps; None for a request that ended before its first step."""
@@ -214,6 +218,7 @@ def run_gate(
     )
     log.info(
         "gate: %s τ %s vs %s τ %s over %d requests at K=%d: %s",
-        result.candidate, result.candidate_tau, result.incumbent, result.incumbent_tau, result.requests, k, reason,
+        result.candidate, result.candidate_tau, result.incumbent, result.incumbent_tau, result.requests, k,
+        reason,
     )  # fmt: skip
     return result

@@ -168,7 +168,7 @@ class UpdateResult:
     train: TrainResult
     before: EvalResult  # offline E[τ] on the held-out blocks: a diagnostic, not the publish gate
     after: EvalResult
-    heldout_ids: list[str] = field(default_factory=list)  # the held-out requests (the gate decodes their prompts)
+    heldout_ids: list[str] = field(default_factory=list)  # held-out requests (the gate decodes their prompts)
 
     @property
     def offline_not_worse(self) -> bool:
