@@ -416,7 +416,7 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
     env = loop_env(
         redis_db, ckdir, stream, settings.cache_dir,
         DRAFTLOOP_OPD_MIN_BLOCKS="40",
-        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 6, "batch_tokens": 128, "heldout_fraction": 0.25}),
+        DRAFTLOOP_OPD_TRAIN=json.dumps({"epochs": 6, "batch_tokens": 128, "heldout_fraction": 0.25, **TINY_GATE}),
     )
     watcher = CheckpointWatcher(ckdir)
     watcher.start()
