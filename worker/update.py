@@ -271,7 +271,7 @@ def _read_batch(consumer: BlockConsumer, version: int) -> _Batch:
     records = [rec for _, rec in entries]
     found = consumer.read_contexts(rec.request_id for rec in records)
     contexts = {rid: ctx.tokens for rid, ctx in found.items()}
-    prompts = {rid: ids for rid, ctx in found.items() if (ids := ctx.prompt_ids) is not None}
+    prompts = {rid: ctx.prompt_ids for rid, ctx in found.items() if ctx.prompt_ids is not None}
     log.info("opd: read %d block records (%d unusable) for v%d", len(records), len(bad), version)
     return _Batch(ids, records, contexts, len(bad), prompts)
 
