@@ -313,7 +313,7 @@ def run_rounds(args: argparse.Namespace, st: Setup) -> tuple[list[dict[str, Any]
         blocks, stats = serve(st.target, current, prompts, st.k, params, args.seed + lo, f"round{r}")
         t0 = time.perf_counter()
         result = update(st.target, current, blocks, st.cfg)
-        ok = result.train_blocks > 0 and (result.improved or args.no_gate)
+        ok = result.train_blocks > 0 and (result.offline_not_worse or args.no_gate)
         new = publish(result, current, st.save_dir, st.target, st.cfg, r) if ok else None
         rounds.append(round_row(r, current, stats, result, new, time.perf_counter() - t0))
         log.info(

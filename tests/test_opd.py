@@ -50,15 +50,19 @@ def test_examples_replay_the_served_block_start():
         block("a", position=7, draft=(2, 3, 30), accepted=0, nxt=9, version="2"),  # one version older
         block("a", position=3, draft=(), accepted=0, nxt=7),  # K = 0: context only
         block("a", position=6, draft=(4,), version="9", accepted=0),  # age 3 - 9 < 0 -> age 0 (newer than trained)
-        block("a", position=4, draft=(4,), version="0", accepted=0),  # age 3 > max_age 2: dropped
+        block("a", position=4, draft=(4,), version="1", accepted=0),  # age 2 > max_age 1: dropped
+        block("a", position=4, draft=(4,), version="0", accepted=0),  # ngram / none log version "0": off-policy
+        block("a", position=4, draft=(4,), version="first-4-layers", accepted=0),  # a draft model: off-policy
         block("a", position=1, draft=(4,), accepted=0),  # no anchor
         block("a", position=2, draft=(4,), target="other", accepted=0),  # another target model
         block("b", position=5, draft=(4,), accepted=0),  # prefix has a hole
         block("c", position=5, draft=(4,), accepted=0),  # no context at all
     ]
-    cfg = OPDConfig(max_age=2, offpolicy_decay=0.5)
+    cfg = OPDConfig(max_age=1, offpolicy_decay=0.5)
     reqs, stats = build_requests(recs, ctx, D2T, V, current_version=3, target_model="t", cfg=cfg)
-    assert stats.as_dict() == {"records": 9, "used": 3, "empty": 1, "no_context": 2, "stale": 2, "too_short": 1}
+    assert stats.as_dict() == {
+        "records": 11, "used": 3, "empty": 1, "no_context": 2, "stale": 2, "too_short": 1, "off_policy": 2
+    }
     (a,) = reqs
     assert a.request_id == "a" and a.tokens.tolist() == list(range(20, 27))  # up to the last block's prefix
     ex5, ex6, ex7 = a.examples
@@ -241,7 +245,8 @@ def test_opd_update_end_to_end(target, served):
     out = opd_update(head, target.model, col.records, col.contexts, 1, target.model_id, cfg)
     assert out.train_blocks > 0 and out.heldout_requests >= 1 and out.train_requests >= 1
     assert out.before.tau is not None and out.after.tau is not None
-    assert out.improved == (out.after.tau >= out.before.tau)
+    assert out.offline_not_worse == (out.after.tau >= out.before.tau)
+    assert out.heldout_ids and len(out.heldout_ids) == out.heldout_requests
     assert out.head is not head and out.stats.records == len(col.records)
     # ablations run through the same path
     for kw in ({"mode": "forward_kl_all"}, {"mode": "reverse_kl_all", "gamma": 1.0}, {"anchors": "random"}):

@@ -4,17 +4,23 @@ docs/architecture.md).
 
 One run, under the Redis training lock (the caller holds it):
 1. No loadable eagle3 checkpoint for this target yet: the SFT bootstrap
-   (`worker.train.sft.train_sft`) trains one, it is published (version 1 on a fresh
-   store), and the run ends.
+   (`worker.train.sft.train_sft`) trains one; it is published (version 1 on a
+   fresh store) only when the gate (`worker.publish_gate`) finds it better than
+   what the servers serve without one (ngram for DRAFTLOOP_DRAFTER=auto); it
+   stays out of the store until then (`<checkpoint_dir>/unpublished/`); the run ends.
 2. Fewer than DRAFTLOOP_OPD_MIN_BLOCKS blocks waiting for the consumer group
    (undelivered + pending, from XINFO GROUPS; nothing is consumed): return.
 3. Read the blocks with consumer group `opd` -- this consumer's pending entries
    first (a run that crashed left them), then new ones, up to `MAX_BLOCKS`.
 4. Train from the version the servers serve (the Redis pointer; without one,
    the newest loadable version on disk): `worker.train.opd.opd_update`, held-out
-   requests by a fixed hash of their ids.
+   requests by a fixed hash of their ids; only the serving head's own blocks
+   are on-policy (`worker.train.blocks.on_policy`).
 5. Publish version N+1 (checkpoint written atomically, then the pointer) only
-   when the held-out E[τ] is not worse than the serving version's.
+   when the gate decides so: real greedy decoding of the held-out requests'
+   prompts (topped up from ShareGPT's held-out split) by the candidate and the
+   serving drafter, a paired bootstrap interval of the τ gain above 0
+   (`worker.train.gate`). The offline E[τ] before/after stay as diagnostics.
 6. Write the run's JSON report (`worker.reports`), then XACK the blocks. A
    crash anywhere before the ack leaves them pending, and the next run trains
    on them; a crash between the report and the ack is recognised (same
@@ -25,10 +31,11 @@ Report fields: kind ("opd" | "sft_bootstrap"), status ("published" |
 (when published; false if an operator pinned the pointer), base_version,
 new_version, checkpoint, started_at, duration_s, stream, group, entries {count,
 first_id, last_id}, blocks {records, used, empty, no_context, stale,
-too_short, undecodable, train_blocks, train_requests, heldout_blocks,
-heldout_requests}, loss {epochs, first, last, heldout_before, heldout_after},
-tau_before, tau_after, eval {before, after}, train {steps, seconds,
-stopped_early}, config.
+too_short, off_policy, undecodable, train_blocks, train_requests,
+heldout_blocks, heldout_requests}, loss {epochs, first, last, heldout_before,
+heldout_after}, tau_before, tau_after, eval {before, after}, gate (the
+decision: `worker.train.gate.GateResult`, with its interval), train {steps,
+seconds, stopped_early}, config.
 
 Settings: DRAFTLOOP_REDIS_URL, _CHECKPOINT_DIR, _BLOCK_STREAM, _OPD_MIN_BLOCKS,
 _TARGET_MODEL (and the rest of the target's), _OPD_TRAIN (a JSON object of
@@ -54,6 +61,7 @@ from service.config import Settings
 from service.drafters import eagle3
 
 from .app import TASK_SOFT_TIME_LIMIT_S
+from .publish_gate import publish_decision, stage, unstage
 from .train.config import OPDConfig, SFTConfig
 from .train.opd import opd_update as run_opd, save_update
 from .reports import latest_report, write_report
@@ -141,15 +149,10 @@ def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Prog
     prompts = list(sharegpt_prompts("train", limit=cfg.num_prompts))
     result = train_sft(target, prompts, settings.checkpoint_dir, settings.cache_dir, cfg)
     version = int(result.checkpoint.name.removeprefix("v"))
-    moved = checkpoints.publish_version(r, version, result.checkpoint)
     report = {
         "kind": "sft_bootstrap",
-        "status": "bootstrapped",
-        "published": True,
-        "pointer_moved": moved,
+        **_bootstrap_outcome(r, settings, target, result.checkpoint, version),
         "base_version": None,
-        "new_version": version,
-        "checkpoint": str(result.checkpoint),
         "target_model": target.model_id,
         "started_at": started,
         "duration_s": round(time.perf_counter() - t0, 2),
@@ -160,6 +163,24 @@ def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Prog
     }
     write_report(settings.checkpoint_dir, version, report)
     return report
+
+
+def _bootstrap_outcome(
+    r: redis.Redis, settings: Settings, target: Target, path: Path, version: int
+) -> dict[str, Any]:
+    """Publish the bootstrap checkpoint at `path` when the gate says so (it is out of
+    the store meanwhile), else leave it under `unpublished/` -> the report's status,
+    published, pointer_moved, new_version, checkpoint, gate."""
+    staged = stage(path, settings.checkpoint_dir)
+    head = eagle3.load_head(staged, target.model, target.model_id)[0]
+    gate = publish_decision(r, settings, target, head, [], opd_config(settings), before_eagle3=True)
+    if not gate.publish:
+        log.info("bootstrap: not publishing v%d: %s", version, gate.reason)
+        return {"status": "not_published", "published": False, "pointer_moved": False, "new_version": None,
+                "checkpoint": str(staged), "gate": gate.as_dict()}  # fmt: skip
+    moved = checkpoints.publish_version(r, version, unstage(staged, path))
+    return {"status": "bootstrapped", "published": True, "pointer_moved": moved, "new_version": version,
+            "checkpoint": str(path), "gate": gate.as_dict()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +195,7 @@ class _Batch:
     records: list[BlockRecord]
     contexts: dict[str, np.ndarray]  # request id -> (T,) int64 logged token ids, -1 where missing
     undecodable: int
+    prompts: dict[str, list[int]]  # request id -> its prompt ids, where fully logged
 
 
 def run_update(
@@ -201,7 +223,7 @@ def run_update(
         head, target.model, batch.records, batch.contexts, version, target.model_id, cfg, progress
     )
     report = _opd_report(result, batch, cfg, version, target.model_id, started, stream)
-    report_version = _publish_if_better(r, settings, result, report, target.model_id, progress)
+    report_version = _publish_if_better(r, settings, target, result, batch, report, cfg, progress)
     report["duration_s"] = round(time.perf_counter() - t0, 2)
     write_report(settings.checkpoint_dir, report_version, report)
     acked = consumer.ack(batch.ids)  # only now: the outcome is on disk (and in the pointer)
@@ -249,8 +271,9 @@ def _read_batch(consumer: BlockConsumer, version: int) -> _Batch:
     records = [rec for _, rec in entries]
     found = consumer.read_contexts(rec.request_id for rec in records)
     contexts = {rid: ctx.tokens for rid, ctx in found.items()}
+    prompts = {rid: ctx.prompt_ids for rid, ctx in found.items() if ctx.prompt_ids is not None}
     log.info("opd: read %d block records (%d unusable) for v%d", len(records), len(bad), version)
-    return _Batch(ids, records, contexts, len(bad))
+    return _Batch(ids, records, contexts, len(bad), prompts)
 
 
 def _opd_report(
@@ -308,26 +331,34 @@ def _opd_report(
 def _publish_if_better(
     r: redis.Redis,
     settings: Settings,
+    target: Target,
     result: UpdateResult,
+    batch: _Batch,
     report: dict[str, Any],
-    target_model: str,
+    cfg: OPDConfig,
     progress: Progress | None,
 ) -> int:
-    """Save and publish the trained head when it did not get worse on the
-    held-out requests; records the outcome in `report`. Returns the version
-    the report is filed under."""
+    """Save and publish the trained head when the gate finds it better than the
+    serving drafter on the held-out requests; records the outcome in `report`.
+    Returns the version the report is filed under."""
     version = report["base_version"]
     if result.train_blocks == 0:
         report["status"], report["published"] = "no_usable_blocks", False
         return version
-    if not result.improved:
+    if progress:
+        progress("gating", requests=cfg.gate_requests, max_tokens=cfg.gate_max_tokens)
+    served = [batch.prompts[rid] for rid in result.heldout_ids if rid in batch.prompts]
+    gate = publish_decision(r, settings, target, result.head, served, cfg)
+    report["gate"] = gate.as_dict()
+    if not gate.publish:
         report["status"], report["published"] = "not_published", False
-        log.info("opd: not publishing: held-out E[τ] %s -> %s", result.before.tau, result.after.tau)
+        log.info("opd: not publishing: %s (offline E[τ] %s -> %s)", gate.reason,
+                 result.before.tau, result.after.tau)
         return version
     if progress:
-        progress("publishing", tau_before=result.before.tau, tau_after=result.after.tau)
-    meta = {key: report[key] for key in ("config", "stream", "entries", "eval", "loss")}
-    path = save_update(result, settings.checkpoint_dir, target_model, version, meta)
+        progress("publishing", tau_before=gate.incumbent_tau, tau_after=gate.candidate_tau)
+    meta = {key: report[key] for key in ("config", "stream", "entries", "eval", "loss", "gate")}
+    path = save_update(result, settings.checkpoint_dir, target.model_id, version, meta)
     new_version = int(path.name.removeprefix("v"))
     report["pointer_moved"] = checkpoints.publish_version(r, new_version, path)
     report.update(status="published", published=True, new_version=new_version, checkpoint=str(path))

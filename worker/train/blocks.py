@@ -27,6 +27,7 @@ class BuildStats:
     no_context: int = 0  # prefix not rebuildable (context expired, a record lost)
     stale: int = 0  # older than max_age, unparsable version, or another target model
     too_short: int = 0  # P < 2: no anchor
+    off_policy: int = 0  # drafted by another drafter kind (ngram, draft model, ...): not the head's policy
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -61,6 +62,25 @@ def block_age(drafter_version: str, current_version: int) -> int | None:
         return None
 
 
+def on_policy(rec: BlockRecord) -> bool:
+    """Whether a drafted block was drafted by the eagle3 head, the policy Draft-OPD
+    trains: `drafter_kind` "eagle3", or "hybrid" with every drafted token from
+    the head ("e" in `draft_sources`). Records without `drafter_kind` (older
+    ones): the engine logs `drafter.version`, a checkpoint number >= 1 for a
+    loaded eagle3 head but "0" for ngram and none and a name for a draft
+    model, so only a version >= 1 counts."""
+    kind = getattr(rec, "drafter_kind", None)
+    if kind is None:
+        try:
+            return int(rec.drafter_version) >= 1
+        except (TypeError, ValueError):
+            return False
+    if kind == "hybrid":
+        sources = getattr(rec, "draft_sources", None) or ""
+        return len(sources) == rec.num_draft and set(sources) <= {"e"}
+    return kind == "eagle3"
+
+
 def _context_array(ctx: Sequence[int] | np.ndarray | Tensor) -> np.ndarray:
     return np.asarray(ctx.tolist() if isinstance(ctx, Tensor) else ctx, dtype=np.int64)
 
@@ -90,12 +110,17 @@ def contexts_from_prefixes(
 def _usable_blocks(
     records: Iterable[BlockRecord], current_version: int, target_model: str | None, cfg: OPDConfig, stats: BuildStats
 ) -> dict[str, dict[int, BlockRecord]]:
-    """request id -> position -> record, of the blocks that can be trained on."""
+    """request id -> position -> record, of the blocks that can be trained on:
+    K = 0 blocks (target-only steps) of any drafter, drafted ones `on_policy`."""
     by_req: dict[str, dict[int, BlockRecord]] = {}
     for rec in records:
         stats.records += 1
         age = block_age(rec.drafter_version, current_version)
-        if age is None or age > cfg.max_age or (target_model is not None and rec.target_model != target_model):
+        if target_model is not None and rec.target_model != target_model:
+            stats.stale += 1
+        elif rec.num_draft > 0 and not on_policy(rec):
+            stats.off_policy += 1
+        elif age is None or age > cfg.max_age:
             stats.stale += 1
         elif rec.num_draft == 0 and cfg.anchors == "served":
             stats.empty += 1

@@ -51,11 +51,16 @@ class OPDConfig(_Validated):
     offpolicy_decay: float = 0.5  # weight of a block drafted `age` versions ago: decay ** age
     max_age: int = 3  # blocks drafted more than this many versions ago are dropped
     tail: Tail = "auto"  # target tail per KL direction (worker.train.opd)
-    heldout_fraction: float = 0.1  # of request ids (fixed hash split), for the publish gate
+    heldout_fraction: float = 0.1  # of request ids (fixed hash split): offline E[τ], the gate's prompts
     seed: int = 0
     context_vocab: bool = True  # as Eagle3Drafter: the request's own out-of-vocab ids join the draft vocab
     fast_bf16: bool | None = None  # bf16 autocast for training and features; None: where bf16 is fast
     max_seconds: float | None = None  # stop training (between steps) after this long
+    # the publish gate (worker.train.gate): candidate vs the serving drafter, real decoding
+    gate_requests: int = 16  # at least this many held-out requests (served ones, topped up from ShareGPT)
+    gate_max_tokens: int = 48  # generated tokens per gate request
+    gate_level: float = 0.95  # of the bootstrap interval whose lower bound must be above 0
+    gate_resamples: int = 2000  # bootstrap resamples (seeded by `seed`)
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The Draft-OPD trainer: served blocks -> replay of the drafter at the served
-block starts -> Draft-OPD loss -> a better EAGLE-3 head, gated by the offline
-held-out evaluation (`worker.train.evaluate`); see docs/architecture.md. No
+block starts -> Draft-OPD loss -> a candidate EAGLE-3 head, with the offline
+held-out evaluation (`worker.train.evaluate`) before and after as diagnostics;
+whether it is published is `worker.train.gate`'s decision (real decoding
+against the serving drafter); see docs/architecture.md. No
 Celery, no Redis here: `worker.update` feeds it records and token contexts read
 from the block log; a benchmark can feed it records it produced in-process.
 
@@ -31,8 +33,10 @@ depends on the KL direction (`tail="auto"`):
   ids not in the top-k ("spread").
 `tail="spread"` uses the spread target in both directions.
 
-Off-policy blocks: a block drafted by version v while training version c has
-age c - v; its weight is `offpolicy_decay ** age`, and blocks older than
+Off-policy blocks: a block drafted by another drafter kind (ngram, a draft
+model, the lookup tokens of a hybrid; `worker.train.blocks.on_policy`) is
+dropped. A block drafted by version v while training version c has age
+c - v; its weight is `offpolicy_decay ** age`, and blocks older than
 `max_age` (or of another target model) are dropped. Blocks with K = 0 are not
 trained on (their tokens are still part of later blocks' contexts).
 
@@ -48,7 +52,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -162,12 +166,15 @@ class UpdateResult:
     train_blocks: int
     heldout_requests: int
     train: TrainResult
-    before: EvalResult
+    before: EvalResult  # offline E[τ] on the held-out blocks: a diagnostic, not the publish gate
     after: EvalResult
+    heldout_ids: list[str] = field(default_factory=list)  # held-out requests (the gate decodes their prompts)
 
     @property
-    def improved(self) -> bool:
-        """Publish gate: evaluated, and not worse than the serving head."""
+    def offline_not_worse(self) -> bool:
+        """The offline check: held-out E[τ] along the served paths did not drop.
+        A diagnostic (and the in-process benchmark's gate); the worker publishes
+        on `worker.train.gate`'s decision."""
         return self.before.tau is not None and self.after.tau is not None and self.after.tau >= self.before.tau
 
 
@@ -226,7 +233,8 @@ def opd_update(
         "opd: held-out E[τ] %s -> %s over %d blocks (served τ %s)",
         _fmt(before.tau), _fmt(after.tau), after.blocks, _fmt(after.served_tau),
     )  # fmt: skip
-    return UpdateResult(student, stats, len(train), n_train, len(held), result, before, after)
+    held_ids = [r.request_id for r in held]
+    return UpdateResult(student, stats, len(train), n_train, len(held), result, before, after, held_ids)
 
 
 def _fmt(x: float | None) -> str:
