@@ -149,3 +149,16 @@ def test_a_staged_checkpoint_is_invisible_until_unstaged(tmp_path):
     staged = stage(path, tmp_path)
     assert checkpoints.list_versions(tmp_path) == [] and staged.parent.name == "unpublished"
     assert unstage(staged, path) == path and checkpoints.list_versions(tmp_path) == [1]
+
+
+def test_only_the_newest_refused_candidates_are_kept(tmp_path):
+    import os
+
+    from worker.publish_gate import prune_refused
+
+    for i in range(5):
+        d = tmp_path / f"eagle3-v{i}-stamp"
+        d.mkdir()
+        os.utime(d, ns=(i * 10**9, i * 10**9))
+    prune_refused(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eagle3-v3-stamp", "eagle3-v4-stamp"]

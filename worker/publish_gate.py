@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 UNPUBLISHED_DIR = "unpublished"  # under the checkpoint dir, beside the kinds' directories
+KEEP_REFUSED = 3  # refused candidates kept for inspection; older ones are deleted (a bootstrap retries each tick)
 
 
 def serving_drafter(
@@ -85,14 +86,22 @@ def _move(src: Path, dest: Path) -> None:
 def stage(path: Path, checkpoint_dir: Path) -> Path:
     """Move a version directory the gate has not passed out of the store, to
     `<checkpoint_dir>/unpublished/<kind>-v{N}-<UTC time>`: invisible to every
-    loader; a refused one stays there for inspection."""
+    loader; the newest refused ones stay there for inspection."""
     folder = Path(checkpoint_dir) / UNPUBLISHED_DIR
     folder.mkdir(parents=True, exist_ok=True)
+    prune_refused(folder, keep=KEEP_REFUSED - 1)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     dest = folder / f"{path.parent.name}-{path.name}-{stamp}"
     _move(path, dest)
     log.info("checkpoint %s staged at %s until the gate decides", path, dest)
     return dest
+
+
+def prune_refused(folder: Path, keep: int) -> None:
+    """Delete all but the `keep` most recently staged candidates in `folder`."""
+    staged = sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime_ns)
+    for old in staged[: max(len(staged) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def unstage(staged: Path, path: Path) -> Path:
