@@ -144,24 +144,17 @@ class HybridDrafter(Drafter):
         logprobs = [0.0] * len(first) + list(head.logprobs or [])  # lookup: log of a one-hot q
         return Proposal([*first, *head.tokens], probs, logprobs, state.sources)
 
-    def commit(
-        self,
-        seq,
-        num_accepted: int,
-        taps: list[Tensor],  # 3 x (1 + K, d) target residual streams of the verify pass
-    ) -> None:
+    def commit(self, seq, num_accepted: int, taps: list[Tensor]) -> None:
+        """Count acceptance per source, then the head commits whoever drafted.
+        taps: 3 x (1 + K, d) target residual streams of the verify pass."""
         state: _HybridState = seq.draft_state
         state.observe(num_accepted)
         with self._head_view(seq, state):
             self.head.commit(seq, num_accepted, taps)
 
-    def release(self, seq) -> None:
-        seq.draft_state = None
-
     def describe(self) -> dict[str, Any]:
         return {
-            "kind": self.kind,
-            "version": self.version,
+            **super().describe(),
             "min_match": self.min_match,
             "lookup": {"n_max": self.lookup.n_max, "n_min": self.lookup.n_min},
             "head": self.head.describe(),
