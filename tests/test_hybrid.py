@@ -79,7 +79,7 @@ def test_lookup_first_rule_and_prefix():
     assert running_rate(0, 0) == 0.5 and running_rate(3, 3) == 0.8
     assert lookup_first(2, 0.5, 0.5, 2) and not lookup_first(1, 0.9, 0.1, 2)
     assert not lookup_first(3, 0.3, 0.6, 2)  # lookup has done worse than the head in this sequence
-    assert lookup_prefix([5, 6, 7], 0.5, [0.0, 0.3, 0.3]) == [5, 6]  # 0.5^3 < 0.3: the third is cut
+    assert lookup_prefix([5, 6, 7], 0.5, [0.0, 0.2, 0.2]) == [5, 6]  # 0.5^3 < 0.2: the third is cut
     assert lookup_prefix([5], 0.01, [0.9]) == [5]  # the first is always drafted
     toks = torch.tensor([1, 2, 3, 9, 1, 2, 3]).numpy()
     assert lookup_match(toks, 2, 3, 1) == ([9, 1], 3) and lookup(toks, 2, 3, 1) == [9, 1]
