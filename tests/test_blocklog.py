@@ -109,7 +109,7 @@ def test_provenance_round_trip_and_version_1_records_still_decode() -> None:
     rec = _block()
     rec.drafter_kind, rec.draft_sources = "hybrid", "nne"
     assert decode(encode(rec)) == rec
-    with pytest.raises(SchemaError, match="one letter per drafted token"):
+    with pytest.raises(SchemaError, match="one letter per draft"):
         encode(BlockRecord(**{**vars(rec), "draft_sources": "ne"}))
     # a version-1 entry: no drafter_kind / draft_sources in its data
     fields = encode(rec)
