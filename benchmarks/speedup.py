@@ -32,6 +32,7 @@ import torch
 
 from service import checkpoints
 from service.config import Settings
+from service.costmodel import cpu_model
 from service.drafters.base import Drafter
 from service.drafters.draft_model import DraftModelDrafter
 from service.drafters.ngram import NgramDrafter
@@ -116,15 +117,16 @@ def build_methods(target: Target, settings: Settings, k: int, kinds: list[str], 
         elif kind == "draft_model":
             layers = settings.draft_model_layers
             methods.append(EngineMethod("draft_model", target, DraftModelDrafter(target.model, layers), k))
-        elif kind == "eagle3":
+        elif kind in ("eagle3", "hybrid"):
             from service.drafters import registry
+            from service.runtime import serve_as
 
             newest = checkpoints.load_newest(settings.checkpoint_dir, lambda path: registry.load("eagle3", path, target))
-            drafter = newest.value if newest is not None else None
-            if drafter is None:
-                log.warning("no eagle3 checkpoint in %s: eagle3 row skipped", settings.checkpoint_dir)
+            if newest is None:
+                log.warning("no eagle3 checkpoint in %s: %s row skipped", settings.checkpoint_dir, kind)
                 continue
-            methods.append(EngineMethod("eagle3", target, drafter, k))
+            drafter = serve_as(settings.model_copy(update={"drafter": kind}), newest.value)
+            methods.append(EngineMethod(kind, target, drafter, k))
         else:
             raise SystemExit(f"unknown drafter kind {kind!r}")
     if hf:
@@ -226,7 +228,7 @@ def measurement_args(description: str | None, out: str, repeats: int) -> argpars
 def main(argv: list[str] | None = None) -> None:
     ap = measurement_args(__doc__, "results/speedup.json", repeats=3)
     ap.add_argument("-k", "--num-speculative-tokens", type=int, default=None)
-    ap.add_argument("--drafters", default="ngram,eagle3", help="comma-separated kinds (also: draft_model)")
+    ap.add_argument("--drafters", default="ngram,eagle3,hybrid", help="comma-separated kinds (also: draft_model)")
     ap.add_argument(
         "--dtypes",
         default=None,
@@ -244,10 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     texts = eval_prompts(args.prompts, args.num_prompts)
     k = args.num_speculative_tokens or settings.num_speculative_tokens
     rows: list[dict] = []
+    costs: dict[str, dict] = {}
     target = None
     for dtype in dtypes:
         target = None  # free the previous copy before loading the next
         target = load_target(settings.model_copy(update={"dtype": dtype}))
+        costs[dtype] = target.cost
         prompts = [chat_ids(target.tokenizer, t) for t in texts]
         methods = build_methods(target, settings, k, [s for s in args.drafters.split(",") if s], hf=not args.no_hf)
         section = measure(methods, prompts, args.max_new_tokens, args.repeats, lambda msg, d=dtype: log.info("%s %s", d, msg), target.model)
@@ -259,6 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "model": target.name,
         "device": device_name(target.model.device),
+        "cpu_model": cpu_model(),
+        "cost_model": costs,  # per dtype: the verify-cost curve and the stop thresholds derived from it
         "dtypes": dtypes,
         "prompts": str(args.prompts) if args.prompts else f"sharegpt heldout[:{len(texts)}]",
         "num_prompts": len(texts),

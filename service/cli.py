@@ -26,7 +26,7 @@ log = logging.getLogger("draftloop")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DRAFTERS = ("auto", "eagle3", "draft_model", "ngram", "none")
+DRAFTERS = ("auto", "hybrid", "eagle3", "draft_model", "ngram", "none")
 
 # serve flag -> Settings field (flags left out keep the environment's value)
 SERVE_FLAGS: dict[str, tuple[str, type, str]] = {

@@ -28,18 +28,23 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(None, description="name clients pass as `model`")
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    # auto (CPU: the faster of float32 and bfloat16 here, measured once and cached; CUDA: bfloat16)
+    # | float32 | bfloat16 | float16
+    dtype: str = "auto"
     max_model_len: int = 2048
 
     # speculative decoding
-    # auto (the eagle3 version the Redis pointer names, else the newest on disk, else ngram)
-    # | eagle3 | draft_model | ngram | none
+    # auto (the eagle3 version the Redis pointer names, else the newest on disk, served as
+    # hybrid; no eagle3 version at all: ngram) | hybrid | eagle3 | draft_model | ngram | none
     drafter: str = "auto"
     num_speculative_tokens: int = Field(4, ge=0, le=16)
     draft_model: str | None = None  # for drafter=draft_model; None = the target's first layers
     draft_model_layers: int = 4
     ngram_max: int = 3
     ngram_min: int = 1
+    hybrid_min_match: int = 2  # suffix tokens an n-gram match needs before lookup drafts first (hybrid)
+    # draft-length stop: auto (from the measured verify-cost curve, service.costmodel) | a number in [0, 1]
+    min_confidence: str = "auto"
 
     # server
     host: str = "127.0.0.1"

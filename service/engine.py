@@ -243,6 +243,8 @@ class Engine:
             target_top_logprobs=top.values.tolist(),
             target_draft_logprobs=draft_lp.tolist(),
             prompt_ids=list(seq.prompt_ids) if seq.steps == 0 else None,
+            drafter_kind=seq.drafter.kind,
+            draft_sources=proposal.source_string(seq.drafter.kind),
         )
         seq.steps += 1
         try:

@@ -17,8 +17,10 @@ path; the eagle3 loader checks target id, shapes and sha256 -- and calls
 - `reload_now`, `pin`, `unpin`: the synchronous operations of the admin API.
 
 The reloader follows the pointer only when the server runs `DRAFTLOOP_DRAFTER`
-`auto` or `eagle3`; with an explicit other kind, `start` does nothing (pins
-through the admin API still work). Imports no web framework."""
+`auto`, `hybrid` or `eagle3`; with an explicit other kind, `start` does nothing
+(pins through the admin API still work). Each loaded version is served as
+`runtime.serve_as` says (auto / hybrid: wrapped with prompt lookup). Imports no
+web framework."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from .drafters.base import Drafter
 from .drafters.registry import Loader
 from .engine import Engine
 from .metrics import Metrics
-from .runtime import FOLLOWING_KINDS, Target
+from .runtime import FOLLOWING_KINDS, Target, serve_as
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +120,7 @@ class DrafterReloader:
     # ---- lifecycle ---------------------------------------------------------
     def start(self) -> None:
         if not self.follow:
-            log.info("drafter hot reload off: DRAFTLOOP_DRAFTER=%s is not auto/eagle3", self.settings.drafter)
+            log.info("drafter hot reload off: DRAFTLOOP_DRAFTER=%s", self.settings.drafter)
             return
         if self._thread is not None and self._thread.is_alive():
             return
@@ -217,7 +219,7 @@ class DrafterReloader:
 
     def _serving(self, kind: str, version: int) -> bool:
         serving = self.engine.drafter
-        return serving.kind == kind and str(serving.version) == str(version)
+        return (serving.checkpoint_kind or serving.kind) == kind and str(serving.version) == str(version)
 
     def _load(self, kind: str, version: int, path: Path) -> Drafter:
         """Load (never swap); any failure becomes CheckpointRefused, counted and logged."""
@@ -245,7 +247,7 @@ class DrafterReloader:
             )
             raise CheckpointRefused(reason) from exc
         log.info("drafter %s v%d loaded from %s in %.2f s", kind, version, path, time.perf_counter() - t0)
-        return drafter
+        return serve_as(self.settings, drafter)
 
     def _swap(self, drafter: Drafter) -> None:
         old = self.engine.drafter

@@ -5,6 +5,7 @@ assembled; imports no web framework."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from redis import Redis
 
-from . import checkpoints
+from . import checkpoints, costmodel
 from .async_engine import AsyncEngine
 from .config import DEFAULT_MODEL, Settings
 from .drafters import registry
@@ -31,7 +32,8 @@ from .modelstore import resolve_model
 
 log = logging.getLogger(__name__)
 
-FOLLOWING_KINDS = ("auto", "eagle3")  # DRAFTLOOP_DRAFTER values that follow the pointer
+FOLLOWING_KINDS = ("auto", "eagle3", "hybrid")  # DRAFTLOOP_DRAFTER values that follow the pointer
+HYBRID_KINDS = ("auto", "hybrid")  # ... and serve the published eagle3 head wrapped with prompt lookup
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -43,6 +45,8 @@ class Target:
     name: str  # the id clients pass as `model`
     model_id: str  # the target's identity recorded in checkpoints and block records
     eos_token_ids: set[int]
+    stop_thresholds: tuple[float, ...] = ()  # per draft slot, from the verify-cost curve (service.costmodel)
+    cost: dict = field(default_factory=dict)  # the measured curve, dtype choice and thresholds (/health)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -74,8 +78,16 @@ def load_target(settings: Settings) -> Target:
 
     path = local_model_dir(settings.target_model, settings)
     device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    model = load_llama(path, dtype=dtype, device=device, max_len=settings.max_model_len + 64)
+    max_len, rows = settings.max_model_len + 64, settings.num_speculative_tokens + 1
+    if settings.dtype == "auto" and device.type == "cpu":
+        model, cost = load_fastest_on_cpu(path, settings.cache_dir, max_len, rows)
+    else:
+        model = load_llama(path, dtype=pick_dtype(settings.dtype, device), device=device, max_len=max_len)
+        cost = {"verify_seconds": costmodel.cached_curve(model, str(path), rows, settings.cache_dir)}
+    thresholds = costmodel.resolve_thresholds(
+        settings.min_confidence, cost["verify_seconds"], settings.num_speculative_tokens
+    )
+    cost.update(min_confidence=settings.min_confidence, stop_thresholds=thresholds)
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
@@ -83,8 +95,29 @@ def load_target(settings: Settings) -> Target:
     name = settings.served_model_name or (
         DEFAULT_MODEL if settings.target_model == DEFAULT_MODEL else Path(settings.target_model).name
     )
-    log.info("target %s loaded from %s on %s/%s", name, path, device, dtype)
-    return Target(model, tokenizer, path, name, settings.target_model, eos)
+    log.info("target %s loaded from %s on %s/%s", name, path, device, model.dtype)
+    log.info("verify cost %s s (1..%d rows); stop thresholds %s", cost["verify_seconds"], rows, thresholds)
+    return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost)
+
+
+def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int) -> tuple[LlamaModel, dict]:
+    """DRAFTLOOP_DTYPE=auto on a CPU: float32 or bfloat16, whichever runs a
+    one-row decode step faster on this machine (costmodel.fastest_dtype), from
+    verify-cost curves measured once per machine and cached under cache_dir."""
+    model = load_llama(path, dtype=torch.float32, device="cpu", max_len=max_len)
+    curves = {"float32": costmodel.cached_curve(model, str(path), rows, cache_dir)}
+    key = costmodel.curve_key(str(path), torch.bfloat16, model.device, rows, costmodel.DEFAULT_CONTEXT)
+    half: LlamaModel | None = None
+    cached = costmodel.read_curve(cache_dir, key)
+    if cached is None:
+        half = copy.deepcopy(model).to(torch.bfloat16)
+        cached = costmodel.cached_curve(half, str(path), rows, cache_dir)
+    curves["bfloat16"] = cached
+    choice = costmodel.fastest_dtype({name: curve[0] for name, curve in curves.items()})
+    log.info("DRAFTLOOP_DTYPE=auto: %s (one-row step %s s)", choice, {n: c[0] for n, c in curves.items()})
+    if choice == "bfloat16":
+        model = half if half is not None else model.to(torch.bfloat16)
+    return model, {"dtype_auto": {"choice": choice, "curves": curves}, "verify_seconds": curves[choice]}
 
 
 def load_published_drafter(
@@ -126,17 +159,18 @@ def build_drafter(
     redis: Redis | None = None,
     namespace: str = checkpoints.DEFAULT_NAMESPACE,
 ) -> Drafter:
-    """The drafter DRAFTLOOP_DRAFTER names. `auto` / `eagle3`: the version the
-    Redis pointer names (`load_published_drafter`); none at all -> ngram for
-    `auto`, FileNotFoundError for `eagle3`."""
+    """The drafter DRAFTLOOP_DRAFTER names. `auto` / `eagle3` / `hybrid`: the
+    version the Redis pointer names (`load_published_drafter`), served as
+    `serve_as` says; none at all -> ngram for `auto`, FileNotFoundError for
+    `eagle3` and `hybrid`."""
     kind = settings.drafter
     if kind in FOLLOWING_KINDS:
         found = load_published_drafter(settings, target, redis, namespace)
         if found is not None:
-            return found
-        if kind == "eagle3":
+            return serve_as(settings, found)
+        if kind != "auto":
             raise FileNotFoundError(
-                f"DRAFTLOOP_DRAFTER=eagle3 but no eagle3 checkpoint in {settings.checkpoint_dir}; "
+                f"DRAFTLOOP_DRAFTER={kind} but no eagle3 checkpoint in {settings.checkpoint_dir}; "
                 "run `draftloop train-sft` first"
             )
         log.warning("no eagle3 checkpoint in %s: falling back to the ngram drafter", settings.checkpoint_dir)
@@ -147,7 +181,19 @@ def build_drafter(
         return build_draft_model(settings, target)
     if kind == "none":
         return NoDrafter()
-    raise ValueError(f"unknown DRAFTLOOP_DRAFTER {kind!r}: use auto, eagle3, draft_model, ngram or none")
+    raise ValueError(f"unknown DRAFTLOOP_DRAFTER {kind!r}: auto, hybrid, eagle3, draft_model, ngram, none")
+
+
+def serve_as(settings: Settings, drafter: Drafter) -> Drafter:
+    """A published eagle3 drafter as this server serves it: with DRAFTLOOP_DRAFTER
+    auto or hybrid wrapped with prompt lookup (service.drafters.hybrid), with
+    eagle3 as it is. Start-up and the reloader both go through here."""
+    if settings.drafter not in HYBRID_KINDS or drafter.kind != "eagle3":
+        return drafter
+    from .drafters.hybrid import HybridDrafter  # torch-heavy eagle3: imported on first use
+
+    lookup = NgramDrafter(settings.ngram_max, settings.ngram_min)
+    return HybridDrafter(drafter, lookup, settings.hybrid_min_match)  # type: ignore[arg-type]
 
 
 def build_draft_model(settings: Settings, target: Target) -> DraftModelDrafter:

@@ -46,6 +46,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         checkpoint_dir=tmp_path_factory.mktemp("checkpoints"),
         drafter="ngram",
         block_log=False,
+        dtype="float32",  # the lossless tests compare with float32 references
     )
 
 
@@ -114,7 +115,7 @@ def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
 
 def server_env(cache_dir: Path, workdir: Path, **overrides: str) -> dict[str, str]:
     """The environment of a test server: this checkout importable, the shared model
-    cache, a checkpoint dir of its own, ngram drafter and no block log unless overridden."""
+    cache, a checkpoint dir of its own, ngram drafter, float32 and no block log unless overridden."""
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
@@ -122,6 +123,7 @@ def server_env(cache_dir: Path, workdir: Path, **overrides: str) -> dict[str, st
         "DRAFTLOOP_DRAFTER": "ngram",
         "DRAFTLOOP_CHECKPOINT_DIR": str(workdir / "checkpoints"),
         "DRAFTLOOP_BLOCK_LOG": "false",
+        "DRAFTLOOP_DTYPE": "float32",  # not auto: outputs are compared with float32 references
         **overrides,
     }
 

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from service.blocklog import (
+    SCHEMA_VERSION,
     BlockConsumer,
     BlockLogger,
     BlockRecord,
@@ -23,6 +24,7 @@ from service.blocklog import (
     encode,
     entry_id_key,
 )
+from service.blocklog.record import BlockObservation
 from service.config import get_settings
 from service.metrics import Metrics
 
@@ -94,10 +96,41 @@ def test_encode_decode_round_trip() -> None:
     assert empty.emitted_tokens() == [77]
 
 
+def test_provenance_round_trip_and_version_1_records_still_decode() -> None:
+    rec = _block()
+    rec.drafter_kind, rec.draft_sources = "hybrid", "nne"
+    assert decode(encode(rec)) == rec
+    with pytest.raises(SchemaError, match="one letter per draft"):
+        encode(BlockRecord(**{**vars(rec), "draft_sources": "ne"}))
+    # a version-1 entry: no drafter_kind / draft_sources in its data
+    fields = encode(rec)
+    data = msgpack.unpackb(fields["data"])
+    del data["drafter_kind"], data["draft_sources"]
+    v1 = {**fields, "schema_version": b"1", "data": msgpack.packb(data)}
+    old = decode(v1)
+    assert (old.drafter_kind, old.draft_sources, old.schema_version) == ("eagle3", "eee", 1)  # numbered
+    assert old.draft_tokens == rec.draft_tokens and old.num_accepted == rec.num_accepted
+    data["drafter_version"] = "0"  # ngram / none before version 2: who drafted is unknown
+    old = decode({**v1, "data": msgpack.packb(data)})
+    assert (old.drafter_kind, old.draft_sources) == ("unknown", "???")
+
+
+def test_from_observation_carries_every_shared_field() -> None:
+    obs = BlockObservation(
+        request_id="r", step=1, drafter_version="2", temperature=0.0, position=4, draft_tokens=[5, 6],
+        draft_logprobs=[0.0, -1.0], num_accepted=1, next_token=7, target_top_ids=[[1], [2], [3]],
+        target_top_logprobs=[[-0.1], [-0.2], [-0.3]], target_draft_logprobs=[-0.5, -0.6],
+        prompt_ids=[1, 2], drafter_kind="hybrid", draft_sources="ne",
+    )
+    rec = BlockRecord.from_observation(obs, "m")
+    assert (rec.target_model, rec.drafter_kind, rec.draft_sources, rec.next_token) == ("m", "hybrid", "ne", 7)
+    assert rec.schema_version == SCHEMA_VERSION == 2
+
+
 def test_decode_rejects_unknown_schema_and_bad_records() -> None:
     fields = encode(_block())
-    with pytest.raises(SchemaError, match="schema_version 2"):
-        decode({**fields, "schema_version": b"2"})
+    with pytest.raises(SchemaError, match="schema_version 3"):
+        decode({**fields, "schema_version": b"3"})
     with pytest.raises(SchemaError, match="lacks field 'data'"):
         decode({"schema_version": b"1", "request_id": b"x"})
     data = msgpack.unpackb(fields["data"])

@@ -85,7 +85,7 @@ class CountingLoader:
 
 def make_reloader(target, ckdir: Path, ns: str, *, poll: float = 30.0, url: str = REDIS_URL, **settings_kw):
     """A reloader on an engine serving ngram (not started), its metrics and loader."""
-    settings_kw.setdefault("drafter", "auto")
+    settings_kw.setdefault("drafter", "eagle3")  # served as loaded (auto/hybrid wrap it: see the hybrid test)
     settings = Settings(checkpoint_dir=ckdir, redis_url=url, block_log=False, **settings_kw)
     metrics = Metrics()
     engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, metrics=metrics)
@@ -463,3 +463,15 @@ def test_admin_pin_rollback_unpin(rds, ns, target, save, ckdir: Path) -> None:
         resp = client.post("/admin/drafter", json={"version": None, "unpin": True}, headers=auth)
         assert resp.status_code == 200 and resp.json()["serving"]["version"] == "4"
     assert reloads(metrics, "refused") == 1
+
+
+def test_hybrid_follows_the_pointer(rds, ns, target, save, ckdir: Path) -> None:
+    """DRAFTLOOP_DRAFTER=hybrid: each published eagle3 version is served wrapped
+    with prompt lookup, and a pointer naming the served head is a no-op."""
+    (_, v1), (_, v2) = save(), save()
+    reloader, engine, _, _ = make_reloader(target, ckdir, ns, drafter="hybrid")
+    checkpoints.publish_version(rds, 1, v1, namespace=ns)
+    assert reloader.check() and serving(engine) == ("hybrid", "1")
+    assert reloader.check() is False  # the pointer names the head the hybrid serves
+    checkpoints.publish_version(rds, 2, v2, namespace=ns)
+    assert reloader.check() and serving(engine) == ("hybrid", "2")

@@ -40,8 +40,9 @@ def loads(monkeypatch: pytest.MonkeyPatch) -> CountingLoader:
     return counter
 
 
-def make_settings(ckdir: Path, drafter: str = "auto", url: str = REDIS_URL) -> Settings:
-    return Settings(checkpoint_dir=ckdir, redis_url=url, drafter=drafter, block_log=False)
+def make_settings(ckdir: Path, drafter: str = "eagle3", url: str = REDIS_URL) -> Settings:
+    """eagle3 by default: served as loaded (auto and hybrid wrap it, see test_auto_serves_hybrid)."""
+    return Settings(checkpoint_dir=ckdir, redis_url=url, drafter=drafter, block_log=False, dtype="float32")
 
 
 @pytest.mark.parametrize("pinned", [True, False])
@@ -95,6 +96,17 @@ def test_redis_down_falls_back_to_the_newest_version(target, save, ckdir: Path, 
 
 
 def test_no_checkpoint_at_all(rds, ns, target, ckdir: Path) -> None:
-    assert isinstance(build_drafter(make_settings(ckdir), target, rds, ns), NgramDrafter)
+    assert isinstance(build_drafter(make_settings(ckdir, drafter="auto"), target, rds, ns), NgramDrafter)
+    with pytest.raises(FileNotFoundError, match="DRAFTLOOP_DRAFTER=hybrid"):
+        build_drafter(make_settings(ckdir, drafter="hybrid"), target, rds, ns)
     with pytest.raises(FileNotFoundError, match="DRAFTLOOP_DRAFTER=eagle3"):
         build_drafter(make_settings(ckdir, drafter="eagle3"), target, rds, ns)
+
+
+@pytest.mark.parametrize("drafter", ["auto", "hybrid"])
+def test_auto_serves_hybrid(rds, ns, target, save, ckdir: Path, loads: CountingLoader, drafter: str) -> None:
+    """auto and hybrid serve the published eagle3 head wrapped with prompt lookup."""
+    save()
+    served = build_drafter(make_settings(ckdir, drafter=drafter), target, rds, ns)
+    assert (served.kind, served.version, served.checkpoint_kind) == ("hybrid", "1", "eagle3")
+    assert served.describe()["head"]["kind"] == "eagle3"

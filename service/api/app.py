@@ -105,6 +105,7 @@ def _health(state: ServerState) -> Health:
             tau=stats.tau,
             per_position_acceptance=stats.per_position_acceptance()[: max(k, 1)],
         ),
+        cost_model=state.target.cost,
     )
 
 

@@ -249,3 +249,8 @@ class Health(BaseModel):
     model: str
     drafter: DrafterStatus
     spec_decode: SpecDecodeStatus
+    cost_model: dict[str, Any] = Field(
+        default_factory=dict,
+        description="this machine's measured verify cost (seconds for 1..K+1 rows), the dtype choice"
+        " of DRAFTLOOP_DTYPE=auto, and the draft-length stop thresholds derived from them",
+    )

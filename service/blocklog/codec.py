@@ -7,7 +7,10 @@ Redis layout (S = the stream name, default `draftloop:blocks`):
   `schema_version` (ASCII int), `request_id` (UTF-8) and `data` (msgpack map:
   scalars as msgpack values, id lists as little-endian uint32 bytes, the
   target's top-k log-probs as float16 bytes, the K per-token log-probs as
-  float32 bytes).
+  float32 bytes; from schema version 2 `drafter_kind` and `draft_sources`, K
+  ASCII letters). Version-1 records (before either) still decode: a numbered
+  drafter version then means the eagle3 head drafted every token ("e" each),
+  anything else "unknown" ("?" each).
 - `S:ctx:<request_id>` — string, the request's token context, little-endian
   uint32 words with a TTL refreshed by every write:
   word 0 = 1 + len(prompt) (0: the prompt record never arrived);
@@ -83,6 +86,8 @@ def encode(rec: BlockRecord) -> dict[str, bytes]:
         raise SchemaError("draft_logprobs and target_draft_logprobs need one value per drafted token")
     if not 0 <= rec.num_accepted <= num_draft:
         raise SchemaError(f"num_accepted={rec.num_accepted} outside 0..{num_draft}")
+    if len(rec.draft_sources) != num_draft:
+        raise SchemaError(f"draft_sources {rec.draft_sources!r}: one letter per draft (K={num_draft})")
     data = {
         "step": rec.step,
         "drafter_version": rec.drafter_version,
@@ -97,6 +102,8 @@ def encode(rec: BlockRecord) -> dict[str, bytes]:
         "target_top_ids": top_ids.astype(_U32).tobytes(),
         "target_top_logprobs": top_lp.astype(_F16).tobytes(),  # the bulk of a record; float16 halves it
         "target_draft_logprobs": np.asarray(rec.target_draft_logprobs, dtype=_F32).tobytes(),
+        "drafter_kind": rec.drafter_kind,
+        "draft_sources": rec.draft_sources,
     }
     return {
         "schema_version": str(rec.schema_version).encode(),
@@ -117,19 +124,32 @@ def _rows(buf: bytes, dtype: np.dtype, num_rows: int, topk: int, out: type) -> l
     return np.frombuffer(buf, dtype=dtype).reshape(num_rows, topk).astype(out).tolist()
 
 
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
+
+
+def _provenance(data: Mapping, version: int, num_draft: int) -> tuple[str, str]:
+    """(drafter_kind, draft_sources) of a record; for version 1 inferred from the
+    drafter version: only eagle3 checkpoints have numbered versions (1, 2, ...)."""
+    if version >= 2:
+        return str(data["drafter_kind"]), str(data["draft_sources"])
+    numbered = str(data["drafter_version"]).isdigit() and str(data["drafter_version"]) != "0"
+    return ("eagle3", "e" * num_draft) if numbered else ("unknown", "?" * num_draft)
+
+
 def decode(fields: Mapping) -> BlockRecord:
     """Inverse of `encode`; accepts bytes or str keys (as redis-py returns them)."""
     try:
         version = int(_field(fields, "schema_version"))
     except ValueError as e:
         raise SchemaError(f"bad schema_version: {e}") from None
-    if version != SCHEMA_VERSION:
-        raise SchemaError(f"unknown block record schema_version {version} (this code reads {SCHEMA_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise SchemaError(f"unknown block record schema_version {version} (reads {READABLE_VERSIONS})")
     try:
         data = msgpack.unpackb(_field(fields, "data"), raw=False)
         topk = int(data["k"])
         draft = np.frombuffer(data["draft_tokens"], dtype=_U32)
         num_rows = len(draft) + 1
+        kind, sources = _provenance(data, version, len(draft))
         return BlockRecord(
             schema_version=version,
             request_id=_field(fields, "request_id").decode(),
@@ -145,6 +165,8 @@ def decode(fields: Mapping) -> BlockRecord:
             target_top_ids=_rows(data["target_top_ids"], _U32, num_rows, topk, np.int64),
             target_top_logprobs=_rows(data["target_top_logprobs"], _F16, num_rows, topk, np.float32),
             target_draft_logprobs=np.frombuffer(data["target_draft_logprobs"], dtype=_F32).tolist(),
+            drafter_kind=kind,
+            draft_sources=sources,
         )
     except SchemaError:
         raise

@@ -7,9 +7,11 @@ the worker's consumer all depend on it, never the other way round."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-SCHEMA_VERSION = 1
+# 2: drafter_kind and draft_sources. Version-1 records still decode (codec.py).
+SCHEMA_VERSION = 2
 
 
 class SchemaError(ValueError):
@@ -34,6 +36,8 @@ class BlockObservation:
     target_top_logprobs: list[list[float]]
     target_draft_logprobs: list[float]  # log p of each drafted token
     prompt_ids: list[int] | None = None  # set on a request's first step only
+    drafter_kind: str = "none"  # the serving drafter's kind: eagle3, hybrid, ngram, draft_model, none
+    draft_sources: str = ""  # K letters: who drafted each token (e: eagle3 head, n: lookup, d: draft model)
 
 
 @dataclass
@@ -61,26 +65,22 @@ class BlockRecord:
     target_top_ids: list[list[int]]  # (K+1) x k
     target_top_logprobs: list[list[float]]  # (K+1) x k, log p
     target_draft_logprobs: list[float]  # K: log p of each drafted token at its position
+    # who drafted: the drafter's kind, and per drafted token a letter ("?": unknown). The
+    # on-policy Draft-OPD update keeps blocks the eagle3 head did not draft out of its loss.
+    drafter_kind: str = "unknown"
+    draft_sources: str = ""  # K letters; "" on construction means "?" for each
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.draft_sources:
+            self.draft_sources = "?" * len(self.draft_tokens)
 
     @classmethod
     def from_observation(cls, obs: BlockObservation, target_model: str) -> BlockRecord:
-        """The record of one verify step, as the engine hands it to its block sink."""
-        return cls(
-            request_id=obs.request_id,
-            step=obs.step,
-            drafter_version=obs.drafter_version,
-            target_model=target_model,
-            temperature=obs.temperature,
-            position=obs.position,
-            draft_tokens=obs.draft_tokens,
-            draft_logprobs=obs.draft_logprobs,
-            num_accepted=obs.num_accepted,
-            next_token=obs.next_token,
-            target_top_ids=obs.target_top_ids,
-            target_top_logprobs=obs.target_top_logprobs,
-            target_draft_logprobs=obs.target_draft_logprobs,
-        )
+        """The record of one verify step, as the engine hands it to its block sink:
+        every field of the observation that the record has, plus the target model."""
+        shared = {f.name for f in dataclasses.fields(cls)} - {"schema_version", "target_model"}
+        return cls(target_model=target_model, **{name: getattr(obs, name) for name in shared})
 
     @property
     def num_draft(self) -> int:

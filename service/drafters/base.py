@@ -16,11 +16,22 @@ if TYPE_CHECKING:
     from ..engine import Sequence
 
 
+# One letter per drafted token in block records (`draft_sources`): who drafted it.
+SOURCE_CODES = {"eagle3": "e", "ngram": "n", "draft_model": "d"}
+
+
 @dataclass
 class Proposal:
     tokens: list[int]  # K drafted ids (K may be 0: plain decoding this step)
     probs: Tensor | None  # (K, V) draft distribution after the request's transform; None: deterministic
     logprobs: list[float] | None = None  # log q of each drafted token (block records)
+    sources: str | None = None  # K letters of SOURCE_CODES; None: every token from the drafter's own kind
+
+    def source_string(self, kind: str) -> str:
+        """`sources`, or (None) the drafter kind's letter for every token ("?" if it has none)."""
+        if self.sources is not None:
+            return self.sources
+        return SOURCE_CODES.get(kind, "?") * len(self.tokens)
 
 
 class Drafter(ABC):
@@ -32,6 +43,7 @@ class Drafter(ABC):
 
     kind: str = "base"
     version: str = "0"
+    checkpoint_kind: str | None = None  # the checkpoint kind a pointer names for this drafter (None: kind)
     hidden_layers: tuple[int, ...] = ()
 
     def begin(self, seq: Sequence, taps: list[Tensor]) -> None:

@@ -19,7 +19,10 @@ Loader = Callable[[Path, "Target"], Drafter]
 def _load_eagle3(path: Path, target: Target) -> Drafter:
     from . import eagle3  # torch-heavy: imported on first use
 
-    return eagle3.load_checkpoint(path, target)
+    drafter = eagle3.load_checkpoint(path, target)
+    # the draft-length rule of this machine's measured verify-cost curve (service.costmodel)
+    drafter.stop_thresholds = tuple(getattr(target, "stop_thresholds", ()) or ())
+    return drafter
 
 
 LOADERS: dict[str, Loader] = {"eagle3": _load_eagle3}

@@ -5,6 +5,7 @@ a per-sequence context vocabulary (docs/architecture.md)."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,15 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...costmodel import threshold_at
 from ...llama import LlamaModel
 from ...sampling import SamplingParams, target_probs
 from ..base import Drafter, Proposal
 from .head import Eagle3Head
 
 # Stop drafting once the product of the head's top-1 probabilities falls below
-# this (EAGLE-2's confidence rule, on a chain): the head is well calibrated, and
-# on a CPU a verify pass of several tokens costs noticeably more than one of a
-# few (docs/results.md).
+# this (EAGLE-2's confidence rule, on a chain). The fallback only: a served
+# drafter gets per-slot thresholds from the measured verify-cost curve
+# (`stop_thresholds`, service.costmodel.stop_thresholds).
 DEFAULT_MIN_CONFIDENCE = 0.3
 
 
@@ -79,6 +81,22 @@ class Eagle3Drafter(Drafter):
         self.context_vocab = context_vocab and head.cfg.draft_vocab_size < self.vocab_size
         self.static_ids = set(head.d2t.tolist())
         self.min_confidence = min_confidence
+        self.stop_thresholds: tuple[float, ...] = ()  # per draft slot; set from the cost curve (registry)
+
+    def stop_threshold(self, slot: int) -> float:
+        """Chain probability below which the token at draft slot `slot` is not drafted."""
+        return threshold_at(self.stop_thresholds, slot, self.min_confidence)
+
+    def _follow(
+        self, state: _SeqState, hidden: Tensor, pos: int, tokens: Sequence[int]
+    ) -> tuple[Tensor, int]:
+        """Run tokens another drafter put first through the head as if it had
+        drafted them (its own hidden feeds the next step). hidden: (1, d)."""
+        for token in tokens:
+            ids = torch.tensor([token], dtype=torch.long, device=hidden.device)
+            hidden = self.head.step(hidden, ids, state.k, state.v, pos)
+            pos += 1
+        return hidden, pos
 
     def begin(
         self,
@@ -144,7 +162,18 @@ class Eagle3Drafter(Drafter):
         token = torch.multinomial(q[0], 1, generator=gen)[0]
         return _Pick(token, q[0, token].log(), confidence, q[0])
 
-    def propose(self, seq, k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
+    def propose(
+        self,
+        seq,
+        k: int,
+        params: SamplingParams,
+        gen: torch.Generator,
+        after: Sequence[int] = (),
+        prior: float = 1.0,
+    ) -> Proposal:
+        """Up to k head tokens. `after`: tokens another drafter proposed first in
+        this block (not returned); `prior`: their estimated acceptance probability,
+        where the chain starts (hybrid drafting)."""
         state: _SeqState = seq.draft_state
         # anchors with a feature and a known next token: length .. len(tokens)-2
         n_new = min(state.pending.shape[0], len(seq.tokens) - 1 - state.length)
@@ -157,10 +186,11 @@ class Eagle3Drafter(Drafter):
         ctx_rows = state.ctx_rows[: state.n_ctx]
         hidden = self._catch_up(seq, state, n_new)
         pos = state.length  # draft slots start here; commit discards them
+        hidden, pos = self._follow(state, hidden, pos, after)
         drafted: list[int] = []
         logps: list[Tensor] = []
         dists: list[Tensor] = []
-        chain = 1.0  # the head's own estimate that every token drafted so far is accepted
+        chain = prior  # the head's own estimate that every token drafted so far is accepted
         for i in range(k):
             normed = F.rms_norm(hidden, (hidden.shape[-1],), frozen.norm_weight, frozen.norm_eps)
             logits = F.linear(normed, frozen.lm_rows)  # (1, Vd)
@@ -168,13 +198,13 @@ class Eagle3Drafter(Drafter):
                 logits = torch.cat([logits, F.linear(normed, ctx_rows)], dim=-1)  # (1, Vd + n_ctx)
             pick = self._pick(logits, ids, params, gen)
             chain *= pick.confidence
-            if i and chain < self.min_confidence:
+            if (i or after) and chain < self.stop_threshold(len(after) + i):
                 break  # dynamic draft length: a likely rejection is not worth a longer verify pass
             logps.append(pick.logp)
             if pick.dist is not None:
                 dists.append(pick.dist)
             drafted.append(int(pick.token))
-            if chain < self.min_confidence:
+            if chain < self.stop_threshold(len(after) + i + 1):
                 break  # no later token can pass either (the chain only shrinks): skip its head step
             if i + 1 < k:
                 hidden = self.head.step(hidden, pick.token.view(1), state.k, state.v, pos)
@@ -204,4 +234,5 @@ class Eagle3Drafter(Drafter):
             "draft_vocab_size": self.head.cfg.draft_vocab_size,
             "context_vocab": self.context_vocab,
             "min_confidence": self.min_confidence,
+            "stop_thresholds": list(self.stop_thresholds),
         }

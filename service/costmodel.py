@@ -1,0 +1,191 @@
+"""The verify-cost curve of this machine and the rules built on it.
+
+At start-up the server times one target forward of 1 .. K+1 rows on top of a
+KV cache of a typical length, in the serving dtype (`measure_curve`), and
+caches the curve per (model, dtype, device, torch version, CPU model) under
+DRAFTLOOP_CACHE_DIR so a restart reads it back (`cached_curve`). Two pure
+rules use it:
+
+- `stop_thresholds`: how far a drafter keeps drafting (the draft-length
+  decision, replacing a constant confidence stop);
+- `fastest_dtype`: which dtype DRAFTLOOP_DTYPE=auto serves on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 256  # KV-cache length the curve is measured on (a typical mid-request context)
+DEFAULT_REPEATS = 7
+BF16_MARGIN = 0.05  # bfloat16 must be this much faster than float32 to be picked (float32 is exact)
+
+
+# ---- the rules (pure) ------------------------------------------------------
+
+
+def stop_thresholds(seconds: Sequence[float], draft_cost: float = 0.0) -> list[float]:
+    """Per draft slot s (0-based), the chain probability below which the token
+    at slot s is not drafted. seconds[n-1]: one target forward of n rows.
+
+    Rule: drafting the token at slot s lengthens the verify pass from s+1 to
+    s+2 rows, which costs t(s+2) - t(s+1) now (plus `draft_cost`, the drafter's
+    own step). It pays off only if the token is accepted, which needs every
+    draft up to it accepted: probability c_s (the chain). An accepted token
+    saves one later one-row step, worth t(1). So keep drafting while
+        c_s * t(1) >= t(s+2) - t(s+1) + draft_cost,
+    i.e. threshold_s = (t(s+2) - t(s+1) + draft_cost) / t(1), clipped to
+    [0, 1] and made non-decreasing (the chain only shrinks, so a drafter can
+    stop at the first slot that fails). Returns len(seconds) - 1 values."""
+    if len(seconds) < 2 or seconds[0] <= 0:
+        return []
+    out: list[float] = []
+    running = 0.0
+    for s in range(len(seconds) - 1):
+        marginal = max(seconds[s + 1] - seconds[s], 0.0) + draft_cost
+        running = max(running, min(marginal / seconds[0], 1.0))
+        out.append(running)
+    return out
+
+
+def threshold_at(thresholds: Sequence[float], slot: int, fallback: float) -> float:
+    """The stop threshold of draft slot `slot`: the measured rule when there is
+    one (slots past the curve reuse its last value), else `fallback`."""
+    if not thresholds:
+        return fallback
+    return thresholds[min(slot, len(thresholds) - 1)]
+
+
+def resolve_thresholds(setting: str, seconds: Sequence[float] | None, num_slots: int) -> list[float]:
+    """DRAFTLOOP_MIN_CONFIDENCE -> per-slot thresholds: "auto" derives them from
+    the measured curve (empty without one: the drafter's default applies); a
+    number is a constant confidence stop."""
+    if setting.strip().lower() == "auto":
+        return stop_thresholds(seconds) if seconds else []
+    try:
+        value = float(setting)
+    except ValueError:
+        raise ValueError(f"DRAFTLOOP_MIN_CONFIDENCE: auto or a number in [0, 1], not {setting!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"DRAFTLOOP_MIN_CONFIDENCE must be in [0, 1]; got {value}")
+    return [value] * max(num_slots, 1)
+
+
+def fastest_dtype(one_row_seconds: Mapping[str, float], margin: float = BF16_MARGIN) -> str:
+    """Rule: the dtype with the fastest one-row decode step; float32 (exact
+    against float32 references) wins unless another is faster by `margin`."""
+    best = min(one_row_seconds, key=lambda name: one_row_seconds[name])
+    base = one_row_seconds.get("float32")
+    if base is not None and best != "float32" and one_row_seconds[best] > base * (1.0 - margin):
+        return "float32"
+    return best
+
+
+# ---- measurement -------------------------------------------------------------
+
+
+def measure_curve(
+    model: torch.nn.Module,
+    max_rows: int,
+    context: int = DEFAULT_CONTEXT,
+    repeats: int = DEFAULT_REPEATS,
+) -> list[float]:
+    """Median seconds of one target forward of n = 1 .. max_rows rows (full
+    logits, as a verify pass) after `context` cached positions."""
+    vocab = model.cfg.vocab_size
+    ids = torch.arange(context + max_rows, device=model.device) % vocab  # (context + max_rows,) int64
+    cache = model.new_cache(context + max_rows)
+    out: list[float] = []
+    with torch.inference_mode():
+        model(ids[:context], cache, logits=False)
+        for n in range(1, max_rows + 1):
+            rows = ids[context : context + n]
+            times = []
+            for i in range(repeats + 1):  # the first run warms up
+                cache.rollback(context)
+                t0 = time.perf_counter()
+                model(rows, cache)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize(model.device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+            out.append(statistics.median(times))
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def curve_key(model_id: str, dtype: torch.dtype, device: torch.device, max_rows: int, context: int) -> dict:
+    """What a cached curve is valid for."""
+    return {
+        "model": model_id,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "rows": max_rows,
+        "context": context,
+    }
+
+
+def _curve_path(cache_dir: Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / "costmodel" / f"{digest}.json"
+
+
+def read_curve(cache_dir: Path, key: dict) -> list[float] | None:
+    """The cached curve of `key`, or None."""
+    try:
+        stored = json.loads(_curve_path(cache_dir, key).read_text())
+        if stored.get("key") == key:
+            return [float(s) for s in stored["seconds"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def cached_curve(
+    model: torch.nn.Module,
+    model_id: str,
+    max_rows: int,
+    cache_dir: Path,
+    context: int = DEFAULT_CONTEXT,
+) -> list[float]:
+    """The curve of `model` from the cache, measured and stored on a miss."""
+    key = curve_key(model_id, model.dtype, model.device, max_rows, context)
+    found = read_curve(cache_dir, key)
+    if found is not None:
+        return found
+    t0 = time.perf_counter()
+    seconds = measure_curve(model, max_rows, context)
+    log.info("verify-cost curve %s measured in %.1f s", key["dtype"], time.perf_counter() - t0)
+    path = _curve_path(cache_dir, key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"key": key, "seconds": seconds}))
+        os.replace(tmp, path)  # readers never see a partial file
+    except OSError as exc:
+        log.warning("could not cache the verify-cost curve at %s: %s", path, exc)
+    return seconds
