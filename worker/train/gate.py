@@ -25,6 +25,7 @@ import numpy as np
 
 from service.drafters.base import Drafter
 from service.drafters.eagle3 import Eagle3Drafter, Eagle3Head
+from service.drafters.hybrid import HybridDrafter
 from service.llama import LlamaModel
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ CANDIDATE_VERSION = "candidate"
 # serving kind -> how a candidate eagle3 drafter (full-length, of the new head) is
 # wrapped to serve like that kind; kinds not listed serve the head itself
 CandidateWrapper = Callable[[Drafter, Eagle3Drafter], Drafter]  # (incumbent, head drafter) -> candidate
-CANDIDATE_WRAPPERS: dict[str, CandidateWrapper] = {}
+CANDIDATE_WRAPPERS: dict[str, CandidateWrapper] = {}  # filled below the wrappers' definitions
 
 
 @dataclass
@@ -132,10 +133,22 @@ def request_taus(
 
 
 def full_length(drafter: Drafter) -> Drafter:
-    """The drafter without its confidence stop (drafts all K tokens), in place."""
-    if hasattr(drafter, "min_confidence"):
-        drafter.min_confidence = 0.0
+    """The drafter without its confidence stop (drafts all K tokens), in place:
+    an eagle3 head's constant and measured per-slot thresholds both go to 0,
+    and so do those of the head inside a hybrid (which cut its lookup tokens too)."""
+    for part in (drafter, getattr(drafter, "head", None)):
+        if isinstance(part, Eagle3Drafter):
+            part.min_confidence = 0.0
+            part.stop_thresholds = ()
     return drafter
+
+
+def _as_hybrid(incumbent: Drafter, head: Eagle3Drafter) -> Drafter:
+    """The candidate head with the serving hybrid's prompt lookup and rule."""
+    return HybridDrafter(head, incumbent.lookup, incumbent.min_match)  # type: ignore[attr-defined]
+
+
+CANDIDATE_WRAPPERS["hybrid"] = _as_hybrid
 
 
 def serving_copy(head: Eagle3Head, model: LlamaModel) -> Eagle3Head:
