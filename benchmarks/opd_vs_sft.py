@@ -272,6 +272,7 @@ def sft_config(plan: Plan, n_batches: int) -> SFTConfig:
         draft_vocab_size=plan.draft_vocab_size,
         batch_tokens=plan.batch_tokens,
         train_steps=steps,
+        train_minutes=None,
         warmup_steps=max(1, min(SFTConfig.warmup_steps, steps // 20)),
         seed=plan.seed,
         eval_prompts=0,
@@ -319,6 +320,7 @@ def sft_to_plateau(
     fresh = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel()))
     fresh.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     fresh.d2t.copy_(d2t)
+    fresh.init_output_from(model)
     head = trainable_copy(fresh, model)  # float32 master weights whatever the serving dtype
     opt = make_optimizer(head, cfg)
     epoch_tokens = int(data.tokens.numel()) * cfg.ttt_steps
