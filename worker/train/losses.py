@@ -302,7 +302,12 @@ def step_masks(batch: Batch, steps: int, on_prompt: bool = False, in_vocab: Tens
     if in_vocab is None:
         return masks
     ok = (batch.next_ids >= 0) & in_vocab.to(batch.next_ids.device)[batch.next_ids.clamp(min=0)]  # (B, T) by target position
-    return [m & F.pad(ok[:, j + 1 :], (0, j + 1), value=False) for j, m in enumerate(masks)]
+    out = []
+    for j, mask in enumerate(masks):
+        shifted = torch.zeros_like(ok)  # anchor t reads target position t+j+1
+        shifted[:, : max(ok.shape[1] - j - 1, 0)] = ok[:, j + 1 :]
+        out.append(mask & shifted)
+    return out
 
 
 def _target_rows(
