@@ -52,7 +52,7 @@ def _bits(t: Tensor) -> np.ndarray:  # (...) bfloat16 -> (...) uint16 bits
 
 
 def _bf16(a: np.ndarray) -> Tensor:  # (...) uint16 bits -> (...) bfloat16
-    return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)  # a copy: memmaps are read-only
 
 
 def write_shard(path: Path, part: Trajectories) -> None:
