@@ -55,9 +55,8 @@ class Eagle3Drafter(Drafter):
     Context vocabulary: target ids that occur in the sequence (prompt and
     output) but not in the static draft vocabulary join that sequence's draft
     vocabulary (the target's LM-head rows, gathered once each, applied to the
-    head's own normed hidden), so the head can
-    copy names and rare words from the prompt at the cost of a few hundred extra
-    logits; it lifts the coverage of the target's tokens (docs/results.md)."""
+    head's own normed hidden), so the head can copy names and rare words from
+    the prompt at the cost of a few hundred extra logits; it lifts the coverage of the target's tokens (docs/results.md)."""
 
     kind = "eagle3"
 

@@ -1,7 +1,8 @@
 """The EAGLE-3 head (Li et al., EAGLE-3, 2025): a one-layer decoder on fused
 target hidden states, with the target's token embedding shared and frozen and
-its own final norm and draft-vocab LM head (initialised from the target's). `step` is the cached serving forward, `unroll` the batched
-"training-time test" forward; the design is in docs/architecture.md.
+its own final norm and draft-vocab LM head (initialised from the target's).
+`step` is the cached serving forward, `unroll` the batched "training-time
+test" forward; the design is in docs/architecture.md.
 
 - `fc` fuses the target's residual streams after a low, a middle and a high
   layer, (3d) -> (d). That is the head's hidden input at verified positions.
@@ -75,8 +76,7 @@ class FrozenTarget:
 class Eagle3Head(nn.Module):
     """Trainable weights: the three feature norms, fc, the two input norms, the 2d-input attention, the
     post-attention norm, the MLP, the final norm and the draft-vocab LM head.
-    Buffer: d2t (Vd,) int64. The frozen target
-    parts are attached with `attach(target_model)` (or by assigning `frozen`)
+    Buffer: d2t (Vd,) int64. The frozen target parts are attached with `attach(target_model)` (or by assigning `frozen`)
     and are not module state."""
 
     def __init__(self, cfg: Eagle3Config):
