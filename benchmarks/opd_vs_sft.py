@@ -269,6 +269,7 @@ def sft_config(plan: Plan, n_batches: int) -> SFTConfig:
     return SFTConfig(
         **{field_name: getattr(plan, plan_name) for field_name, plan_name in PLAN_TO_SFT.items()},
         train_steps=steps,
+        train_minutes=None,
         warmup_steps=max(1, min(SFTConfig.warmup_steps, steps // 20)),
         eval_prompts=0,
     )
@@ -315,6 +316,7 @@ def sft_to_plateau(
     fresh = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel()))
     fresh.reset_parameters(torch.Generator().manual_seed(cfg.seed))
     fresh.d2t.copy_(d2t)
+    fresh.init_output_from(model)
     head = trainable_copy(fresh, model)  # float32 master weights whatever the serving dtype
     opt = make_optimizer(head, cfg)
     epoch_tokens = int(data.tokens.numel()) * cfg.ttt_steps

@@ -53,7 +53,7 @@ def tiny_head(target, draft_vocab: int = 48, seed: int = 1) -> Eagle3Head:
     head = Eagle3Head(Eagle3Config.for_target(target.model.cfg, draft_vocab))
     head.reset_parameters(torch.Generator().manual_seed(seed), std=0.3)
     head.d2t.copy_(torch.randperm(TINY.vocab_size, generator=torch.Generator().manual_seed(seed))[:draft_vocab].sort().values)
-    return head.attach(target.model)
+    return head.init_output_from(target.model).attach(target.model)
 
 
 # ---- the math ---------------------------------------------------------------
@@ -132,7 +132,7 @@ def trained(target, tmp_path_factory):
     head = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel(), layers))
     head.reset_parameters(torch.Generator().manual_seed(0))
     head.d2t.copy_(d2t)
-    head.attach(model)
+    head.init_output_from(model).attach(model)
     history = train_head(head, data, cfg)
     return head, history
 
@@ -182,6 +182,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert path == tmp_path / "eagle3" / "v1" and sorted(p.name for p in path.iterdir()) == ["manifest.json", "model.safetensors"]
     m = json.loads((path / "manifest.json").read_text())
     assert m["version"] == 1 and m["parent_version"] is None and m["target_model"] == "tiny"
+    assert m["format_version"] == 2 and {"norm.weight", "lm_head.weight"} <= set(load_file(str(path / "model.safetensors")))
     assert m["hidden_layers"] == list(head.cfg.hidden_layers) and m["draft_vocab_size"] == 48
     assert m["weights_sha256"] == sha256_file(path / "model.safetensors") and m["created_at"]
     drafter = load_checkpoint(path, target)
@@ -193,6 +194,27 @@ def test_checkpoint_round_trip(tmp_path):
     assert newest_drafter(tmp_path, target).version == "2"
     assert newest_drafter(tmp_path / "empty", target) is None
     assert not [p for p in (tmp_path / "eagle3").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_format_1_checkpoint_loads_with_the_targets_output_layer(tmp_path):
+    """A format-1 checkpoint (no norm / LM head of its own) loads; those start as
+    the target's final norm and its LM-head rows of the draft vocab."""
+    target = tiny_target()
+    head = tiny_head(target)
+    path = _save(head, tmp_path)
+    weights = path / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if k not in ("norm.weight", "lm_head.weight")}
+    save_file(state, str(weights))
+    m = json.loads((path / "manifest.json").read_text())
+    m.update(format_version=1, weights_sha256=sha256_file(weights))
+    (path / "manifest.json").write_text(json.dumps(m))
+    loaded = load_checkpoint(path, target).head
+    assert torch.equal(loaded.lm_head.weight, target.model.lm_head.weight[head.d2t])
+    assert torch.equal(loaded.norm.weight, target.model.norm.weight)
+    assert torch.equal(loaded.fc.weight, head.fc.weight)
+    m["format_version"] = 3
+    (path / "manifest.json").write_text(json.dumps(m))
+    assert "format_version 3" in _refusal(path, target)
 
 
 def newest_drafter(checkpoint_dir: Path, target) -> Eagle3Drafter | None:
@@ -258,7 +280,10 @@ def test_killed_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     prompts = [torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist() for n in (5, 7, 9, 6)]
     layers = Eagle3Config.for_target(TINY, 1).hidden_layers
     data = generate_batch(target.model, prompts, 12, {0}, layers)
-    cfg = SFTConfig(train_steps=6, batch_tokens=40, ttt_steps=2, warmup_steps=2, save_every_s=0.0, fast_bf16=False)
+    cfg = SFTConfig(
+        train_steps=6, train_minutes=None, batch_tokens=40, ttt_steps=2, warmup_steps=2, save_every_s=0.0, fast_bf16=False,
+        loss_on_prompt=True,
+    )  # fmt: skip
 
     def fresh() -> Eagle3Head:
         return tiny_head(target, seed=3)
@@ -279,7 +304,7 @@ def test_killed_training_resumes_where_it_stopped(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         sft.train_head(fresh(), data, cfg, state)
     monkeypatch.setattr(sft, "collate", real_collate)
-    assert json.loads((state / "state.json").read_text())["step"] == 3
+    assert json.loads((state / "state.json").read_text())["spent"]["step"] == 3
     resumed = fresh()
     history = sft.train_head(resumed, data, cfg, state)
     assert [h["step"] for h in history] == list(range(6))

@@ -397,7 +397,7 @@ def test_worker_killed_mid_training(redis_db: str, settings: Settings, target, t
     # v1: an untrained head, published; blocks it drafted, through the real block logger
     head = eagle3.Eagle3Head(eagle3.Eagle3Config.for_target(target.model.cfg, draft_vocab_size=8192))
     head.reset_parameters(torch.Generator().manual_seed(0), std=0.05)
-    head.attach(target.model)
+    head.init_output_from(target.model).attach(target.model)
     v1 = eagle3.save_checkpoint(head, ckdir, target.model_id)
     checkpoints.publish_version(r, 1, v1)
     n_blocks = write_blocks(target, head, redis_db, stream)
@@ -466,7 +466,7 @@ def test_update_waits_for_blocks_and_recognises_a_finished_run(redis_db: str, se
     r = redis.Redis.from_url(redis_db)
     head = eagle3.Eagle3Head(eagle3.Eagle3Config.for_target(target.model.cfg, draft_vocab_size=8192))
     head.reset_parameters(torch.Generator().manual_seed(0))
-    eagle3.save_checkpoint(head.attach(target.model), ckdir, target.model_id)  # no pointer yet
+    eagle3.save_checkpoint(head.init_output_from(target.model).attach(target.model), ckdir, target.model_id)  # no pointer yet
     n = write_blocks(target, head, redis_db, stream, n_prompts=1, reps=1)
     s = Settings(redis_url=redis_db, checkpoint_dir=ckdir, block_stream=stream, opd_min_blocks=n + 1, cache_dir=settings.cache_dir)
 

@@ -172,7 +172,7 @@ def served(target):
     cfg = Eagle3Config.for_target(target.model.cfg, draft_vocab_size=8192)
     head = Eagle3Head(cfg)
     head.reset_parameters(torch.Generator().manual_seed(0), std=0.05)
-    head.attach(target.model)
+    head.init_output_from(target.model).attach(target.model)
     drafter = Eagle3Drafter(head, target.model, version="1")
     collector = BlockCollector(target.model_id)
     engine = Engine(target.model, drafter, target.eos_token_ids, 4, block_sink=collector)

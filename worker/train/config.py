@@ -65,31 +65,42 @@ class OPDConfig(_Validated):
 
 @dataclass
 class SFTConfig(_Validated):
-    num_prompts: int = 512
-    max_new_tokens: int = 128
+    num_prompts: int = 10_000  # of the ShareGPT train split (all of it)
+    max_new_tokens: int = 256
     gen_batch_size: int = 128
+    gen_minutes: float | None = 25.0  # generation of uncached trajectories per run; None: every prompt
     draft_vocab_size: int = 8192
-    ttt_steps: int = 3
-    train_steps: int = 240
+    ttt_steps: int = 7  # at least the largest K served
+    # Training budget: it ends at the first of these that is spent (None: not a
+    # limit; at least one is set); the cosine LR schedule runs over that budget.
+    train_steps: int | None = None  # optimizer steps
+    train_minutes: float | None = 30.0
+    train_tokens: int | None = None  # head token-positions (non-padding positions x ttt_steps)
     batch_tokens: int = 2048  # padded B x T per optimizer step
     lr: float = 3e-3
-    warmup_steps: int = 12
+    output_lr_scale: float = 0.1  # LR factor of the final norm and LM head (start as the target's)
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     save_every_s: float = 60.0
     eval_prompts: int = 8
     eval_max_tokens: int = 64
-    eval_k: int = 2
-    loss_on_prompt: bool = True  # also distil at prompt anchors (the target's p is defined there too)
+    eval_k: int = 4
+    loss_on_prompt: bool = False  # distil at prompt anchors too (serving drafts from the reply only)
     fast_bf16: bool | None = None  # bf16 generation + autocast training; None: where bf16 matmuls are fast
     hidden_layers: tuple[int, ...] | None = None
     # Teacher-forced data (off by default): ShareGPT exchanges (prompt + its own
     # reply, cut at exchange_max_tokens) through one batched prefill each, with
-    # the target's distributions as labels (EAGLE-1's data); see docs/results.md
-    # for what it buys at the default budget.
+    # the target's distributions as labels (EAGLE-1's data); all of it is prompt,
+    # so it trains only with loss_on_prompt.
     num_exchanges: int = 0
     exchange_max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_steps is None and self.train_minutes is None and self.train_tokens is None:
+            raise ValueError("SFTConfig: set a training budget (train_steps, train_minutes or train_tokens)")
 
 
 TRAINER_CONFIGS: dict[str, type] = {"opd_train": OPDConfig, "sft_bootstrap": SFTConfig}  # Settings field -> config

@@ -5,14 +5,11 @@ routine both trainers batch with, and the fixed held-out split of requests."""
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from service.drafters.eagle3 import shifted_tokens
@@ -44,15 +41,14 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
 # SFT trajectories
 
 
-@dataclass
-class Trajectories:
-    """Every fed position of every trajectory, concatenated (N positions)."""
+class TrajectoryIndex:
+    """What a trajectory set indexes: `tokens` (N,), `offsets` (n+1,),
+    `prompt_lens` (n,) and `last_next` (n,) tensors; subclasses add `rows(i)`."""
 
-    tokens: Tensor  # (N,) int64
-    features: Tensor  # (N, 3d) float16, target taps at the head's layers
-    final: Tensor  # (N, d) float16, the target's final normed hidden (its logits = final @ lm_head.T)
-    offsets: Tensor  # (n+1,) int64, trajectory i is offsets[i]:offsets[i+1]
-    prompt_lens: Tensor  # (n,) int64
+    tokens: Tensor
+    offsets: Tensor
+    prompt_lens: Tensor
+    last_next: Tensor
 
     def __len__(self) -> int:
         return self.prompt_lens.numel()
@@ -61,16 +57,37 @@ class Trajectories:
         return int(self.offsets[i + 1] - self.offsets[i])
 
     def response_tokens(self) -> Tensor:
+        """The generated tokens of every trajectory, concatenated -> (M,) int64."""
         parts = [self.tokens[int(self.offsets[i]) + int(self.prompt_lens[i]) : int(self.offsets[i + 1])] for i in range(len(self))]
         return torch.cat(parts) if parts else self.tokens[:0]
+
+
+@dataclass
+class Trajectories(TrajectoryIndex):
+    """Every fed position of every trajectory, concatenated (N positions), in memory.
+    `worker.train.featstore.FeatureStore` offers the same interface over memory-mapped
+    shards on disk; the trainer reads either through `rows` and the index tensors."""
+
+    tokens: Tensor  # (N,) int64
+    features: Tensor  # (N, L*d) bfloat16, target taps at L layers (the head's three, or more)
+    final: Tensor  # (N, d) bfloat16, the target's final normed hidden (its logits = final @ lm_head.T)
+    offsets: Tensor  # (n+1,) int64, trajectory i is offsets[i]:offsets[i+1]
+    prompt_lens: Tensor  # (n,) int64
+    last_next: Tensor  # (n,) int64, the target's argmax after each trajectory's last position (-1: unknown)
+
+    def rows(self, i: int) -> tuple[Tensor, Tensor]:
+        """Trajectory i's (features (T_i, L*d), final (T_i, d))."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.features[s:e], self.final[s:e]
 
     @classmethod
     def from_parts(
         cls,
         tokens: Sequence[Tensor],  # (T_i,) int64 each
-        features: Sequence[Tensor],  # (T_i, 3d) each
+        features: Sequence[Tensor],  # (T_i, L*d) each
         final: Sequence[Tensor],  # (T_i, d) each
         prompt_lens: Tensor,  # (n,) int64
+        last_next: Tensor,  # (n,) int64
     ) -> Trajectories:
         """One trajectory per entry of the three lists."""
         lengths = torch.tensor([t.numel() for t in tokens], dtype=torch.long)
@@ -80,27 +97,8 @@ class Trajectories:
             final=torch.cat(list(final)),
             offsets=torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
             prompt_lens=prompt_lens,
+            last_next=last_next,
         )
-
-    @classmethod
-    def cat(cls, parts: Sequence[Trajectories]) -> Trajectories:
-        lens = torch.cat([p.offsets.diff() for p in parts])
-        return cls(
-            tokens=torch.cat([p.tokens for p in parts]),
-            features=torch.cat([p.features for p in parts]),
-            final=torch.cat([p.final for p in parts]),
-            offsets=torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)]),
-            prompt_lens=torch.cat([p.prompt_lens for p in parts]),
-        )
-
-    def save(self, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: getattr(self, k).contiguous() for k in ("tokens", "features", "final", "offsets", "prompt_lens")}, str(tmp))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> Trajectories:
-        return cls(**load_file(str(path)))
 
 
 @dataclass
@@ -113,26 +111,33 @@ class Batch:
     valid: Tensor  # (B, T) bool
     prompt_lens: Tensor  # (B,)
     lengths: Tensor  # (B,)
+    next_ids: Tensor  # (B, T) int64: the target's argmax after position t on greedy trajectories (-1: unknown)
 
 
-def trajectory_batches(data: Trajectories, batch_tokens: int) -> list[list[int]]:
-    """Trajectory indices grouped by length so B x max_len <= batch_tokens."""
-    return length_batches([data.length(i) for i in range(len(data))], batch_tokens)
+def trajectory_batches(data: TrajectoryIndex, batch_tokens: int) -> list[list[int]]:
+    """Trajectory indices of `data` (Trajectories or a FeatureStore) grouped by
+    length so B x max_len <= batch_tokens."""
+    return length_batches(data.offsets.diff().tolist(), batch_tokens)
 
 
-def collate(data: Trajectories, idx: Sequence[int], dtype=torch.float32) -> Batch:
+def collate(data: TrajectoryIndex, idx: Sequence[int], dtype=torch.float32) -> Batch:
+    """Trajectories `idx` of `data` (Trajectories or a FeatureStore), padded."""
     lens = torch.tensor([data.length(i) for i in idx])
     t, b = int(lens.max()), len(idx)
-    feats = torch.zeros(b, t, data.features.shape[1], dtype=dtype)
-    final = torch.zeros(b, t, data.final.shape[1], dtype=dtype)
+    rows = [data.rows(i) for i in idx]
+    feats = torch.zeros(b, t, rows[0][0].shape[1], dtype=dtype)
+    final = torch.zeros(b, t, rows[0][1].shape[1], dtype=dtype)
     toks = torch.zeros(b, t, dtype=torch.long)
-    for row, i in enumerate(idx):
+    nxt = torch.full((b, t), -1, dtype=torch.long)
+    for row, (i, (f, h)) in enumerate(zip(idx, rows)):
         s, e = int(data.offsets[i]), int(data.offsets[i + 1])
-        feats[row, : e - s] = data.features[s:e]
-        final[row, : e - s] = data.final[s:e]
+        feats[row, : e - s] = f
+        final[row, : e - s] = h
         toks[row, : e - s] = data.tokens[s:e]
+        nxt[row, : e - s - 1] = data.tokens[s + 1 : e]
+        nxt[row, e - s - 1] = data.last_next[i]
     valid = torch.arange(t).unsqueeze(0) < lens.unsqueeze(1)
-    return Batch(feats, toks, final, valid, data.prompt_lens[list(idx)], lens)
+    return Batch(feats, toks, final, valid, data.prompt_lens[list(idx)], lens, nxt)
 
 
 # ---------------------------------------------------------------------------

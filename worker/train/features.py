@@ -45,27 +45,32 @@ def generate_batch(
 ) -> Trajectories:
     """Greedy continuations of `prompts` in one left-padded batch. A trajectory
     holds the prompt and the generated tokens that were fed back, up to (not
-    including) its first EOS; every such position carries its features and
-    final hidden, so the last one's final hidden still predicts the EOS."""
+    including) its first EOS; every such position carries its taps (bfloat16)
+    and final hidden, so the last one's final hidden still predicts the EOS
+    (kept as `last_next`, the argmax after the last position)."""
     ids, lens, pad = _left_padded(prompts)
     batch, width = ids.shape
     k_cache, v_cache = new_padded_cache(model, batch, width + max_new_tokens)
     final, feats = batched_forward(model, ids, k_cache, v_cache, 0, pad, hidden_layers)
-    finals, featss, fed = [final.half()], [feats.half()], [ids]
+    finals, featss, fed = [final.bfloat16()], [feats.bfloat16()], [ids]
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
     nxt = model.lm_head(final[:, -1]).max(-1).indices  # (B,) first maximum, as argmax (faster in bf16)
     done = torch.isin(nxt, eos)
+    last_next = torch.where(done, nxt, -1)  # (B,) set when a row stops
     n_fed = torch.zeros(batch, dtype=torch.long)  # generated tokens fed before the first EOS
     for step in range(max_new_tokens - 1):
         if bool(done.all()):
             break
         n_fed += (~done).long()
         final, feats = batched_forward(model, nxt.unsqueeze(1), k_cache, v_cache, width + step, pad, hidden_layers)
-        finals.append(final.half())
-        featss.append(feats.half())
+        finals.append(final.bfloat16())
+        featss.append(feats.bfloat16())
         fed.append(nxt.unsqueeze(1))
         nxt = model.lm_head(final[:, -1]).max(-1).indices
-        done |= torch.isin(nxt, eos)
+        stops = torch.isin(nxt, eos) & ~done
+        last_next = torch.where(stops, nxt, last_next)
+        done |= stops
+    last_next = torch.where(done, last_next, nxt)  # rows cut at max_new_tokens: the next greedy token
     all_ids, all_final, all_feats = torch.cat(fed, 1), torch.cat(finals, 1), torch.cat(featss, 1)
     rows = [slice(int(pad[i]), width + int(n_fed[i])) for i in range(batch)]
     return Trajectories.from_parts(
@@ -73,6 +78,7 @@ def generate_batch(
         [all_feats[i, sl] for i, sl in enumerate(rows)],
         [all_final[i, sl] for i, sl in enumerate(rows)],
         prompt_lens=lens,
+        last_next=last_next,
     )
 
 

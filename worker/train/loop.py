@@ -41,10 +41,18 @@ def trainable_params(head: Eagle3Head) -> list[torch.nn.Parameter]:
     return [p for p in head.parameters() if p.requires_grad]
 
 
-def make_optimizer(head: Eagle3Head, cfg) -> torch.optim.AdamW:
+OUTPUT_PARAMS = ("norm.weight", "lm_head.weight")  # the head's final norm and LM head, from the target's
+
+
+def make_optimizer(head: Eagle3Head, cfg, output_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """AdamW over the head's trainable parameters; `cfg` has lr and weight_decay
-    (an SFTConfig or an OPDConfig)."""
-    return torch.optim.AdamW(trainable_params(head), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    (an SFTConfig or an OPDConfig). The final norm and LM head (initialised from
+    the target's) form a second group whose LR is scaled by `output_lr_scale`."""
+    named = [(n, p) for n, p in head.named_parameters() if p.requires_grad]
+    body = [p for n, p in named if n not in OUTPUT_PARAMS]
+    output = [p for n, p in named if n in OUTPUT_PARAMS]
+    groups = [{"params": body, "lr_scale": 1.0}, {"params": output, "lr_scale": output_lr_scale}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
@@ -52,12 +60,17 @@ def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / max(1, warmup_steps))
 
 
-def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up, then a cosine decay to 10% of `lr` at `total_steps` (SFT)."""
+def cosine_lr(step: int, frac: float, lr: float, warmup_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then a cosine decay to 10% of `lr` as
+    `frac` (the spent fraction of the budget after the warm-up) goes 0 -> 1."""
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
-    frac = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(frac, 0.0), 1.0))))
+
+
+def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
+    """`cosine_lr` over a budget of `total_steps` optimizer steps (SFT)."""
+    return cosine_lr(step, (step - warmup_steps) / max(1, total_steps - warmup_steps), lr, warmup_steps)
 
 
 def optimizer_step(
@@ -67,9 +80,10 @@ def optimizer_step(
     lr: float,
     grad_clip: float,
 ) -> Tensor:
-    """Set the LR, backpropagate `loss` (a scalar), clip, step -> the gradient norm."""
+    """Set the LR (times each group's `lr_scale`), backpropagate `loss` (a
+    scalar), clip, step -> the gradient norm."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)

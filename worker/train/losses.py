@@ -253,8 +253,7 @@ def replay_logq(head: Eagle3Head, batch: ReplayBatch) -> Tensor:
     h = hidden[:, batch.rows, batch.anchors].transpose(0, 1)  # (N, S, d)
     logits = head.logits(h)  # (N, S, Vd)
     if batch.ctx_rows.shape[1]:
-        frozen = head.frozen
-        normed = F.rms_norm(h, (h.shape[-1],), frozen.norm_weight, frozen.norm_eps)
+        normed = head.norm(h)
         ctx = torch.einsum("nsd,ncd->nsc", normed, batch.ctx_rows[batch.rows].to(normed.dtype))  # (N, S, C)
         ctx = ctx.masked_fill(~batch.ctx_valid[:, None, :], MASKED_LOGP)
         logits = torch.cat([logits, ctx.to(logits.dtype)], dim=-1)
@@ -294,32 +293,66 @@ def blocks_loss(
 # SFT: the EAGLE-3 training-time test
 
 
-def step_masks(batch: Batch, steps: int, on_prompt: bool = True) -> list[Tensor]:
+def step_masks(batch: Batch, steps: int, on_prompt: bool = False, in_vocab: Tensor | None = None) -> list[Tensor]:
     """(B, T) bool per draft step j: anchors t whose step-j input token x_{t+j+1}
     and target position t+j+1 exist (t+j+1 <= len-1); without on_prompt only
-    anchors in the generated part (t >= P-1, where serving drafts from)."""
+    anchors in the generated part (t >= P-1, where serving drafts from). With
+    `in_vocab` ((V,) bool over target ids), also only anchors whose target
+    argmax at t+j+1 (`batch.next_ids`) is known and lies in the draft vocab: the
+    head cannot draft any other token, so such rows only teach it to spread mass."""
     t = torch.arange(batch.tokens.shape[1]).unsqueeze(0)
     first = (batch.prompt_lens - 1).unsqueeze(1) if not on_prompt else torch.zeros(1, 1, dtype=torch.long)
-    return [(t >= first) & (t + j + 1 <= batch.lengths.unsqueeze(1) - 1) for j in range(steps)]
+    masks = [(t >= first) & (t + j + 1 <= batch.lengths.unsqueeze(1) - 1) for j in range(steps)]
+    if in_vocab is None:
+        return masks
+    ok = (batch.next_ids >= 0) & in_vocab.to(batch.next_ids.device)[batch.next_ids.clamp(min=0)]  # (B, T) by target position
+    out = []
+    for j, mask in enumerate(masks):
+        shifted = torch.zeros_like(ok)  # anchor t reads target position t+j+1
+        shifted[:, : max(ok.shape[1] - j - 1, 0)] = ok[:, j + 1 :]
+        out.append(mask & shifted)
+    return out
+
+
+def _target_rows(
+    final: Tensor,  # (B, T, d) the target's final normed hidden
+    lm_rows: Tensor,  # (Vd, d) the target's LM-head rows of the draft vocab
+    masks: list[Tensor],  # S x (B, T) bool anchor masks
+) -> tuple[Tensor, Tensor]:
+    """The target's draft-vocab distribution at every position some step reads
+    (position t+j+1 for anchor t at step j), each computed once -> (p (M, Vd)
+    float32, row (B, T) int64: position -> row of p, -1 where unused)."""
+    need = torch.zeros_like(masks[0])
+    for j, mask in enumerate(masks):
+        need[:, j + 1 :] |= mask[:, : need.shape[1] - j - 1]
+    b_idx, s_idx = need.nonzero(as_tuple=True)
+    row = torch.full(need.shape, -1, dtype=torch.long)
+    row[b_idx, s_idx] = torch.arange(b_idx.numel())
+    with torch.no_grad():
+        p = torch.softmax(F.linear(final[b_idx, s_idx], lm_rows).float(), dim=-1)
+    return p, row
 
 
 def ttt_loss(
-    head: Eagle3Head, batch: Batch, steps: int, on_prompt: bool = True, acc_rows: int | None = ACC_ROWS
+    head: Eagle3Head, batch: Batch, steps: int, on_prompt: bool = False, acc_rows: int | None = ACC_ROWS
 ) -> tuple[Tensor, list[float], list[float]]:
     """EAGLE-3 training-time-test loss -> (weighted loss, per-step loss, per-step
     top-1 agreement with the target's argmax over the draft vocab). Loss at step
     j: cross-entropy from the target's distribution restricted to the draft
-    vocab to the head's, weighted STEP_WEIGHT_DECAY^j."""
+    vocab to the head's, weighted STEP_WEIGHT_DECAY^j, over the anchors of
+    `step_masks` (target argmax in the draft vocab)."""
     hidden = head.unroll_hidden(batch.features, shifted_tokens(batch.tokens, steps), batch.valid)  # (S, B, T, d)
-    lm_rows = head.frozen.lm_rows
-    losses, accs, total, wsum = [], [], hidden.new_zeros(()), 0.0
-    for j, mask in enumerate(step_masks(batch, steps, on_prompt)):
+    in_vocab = torch.zeros(head.cfg.target_vocab_size, dtype=torch.bool)
+    in_vocab[head.d2t.cpu()] = True
+    masks = step_masks(batch, steps, on_prompt, in_vocab)
+    p_all, p_row = _target_rows(batch.final, head.frozen.lm_rows, masks)
+    losses, accs, total, wsum = [], [], hidden.sum() * 0.0, 0.0  # zero, still on the graph, when no row counts
+    for j, mask in enumerate(masks):
         if not bool(mask.any()):
             continue
         b_idx, t_idx = mask.nonzero(as_tuple=True)
         logits = head.logits(hidden[j, b_idx, t_idx]).float()  # (M, Vd)
-        with torch.no_grad():
-            p = torch.softmax(F.linear(batch.final[b_idx, t_idx + j + 1], lm_rows).float(), dim=-1)  # (M, Vd)
+        p = p_all[p_row[b_idx, t_idx + j + 1]]  # (M, Vd)
         loss = F.cross_entropy(logits, p)  # soft targets: -Σ p log q = forward KL(p‖q) + H(p)
         w = STEP_WEIGHT_DECAY**j
         total, wsum = total + w * loss, wsum + w

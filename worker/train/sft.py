@@ -3,30 +3,28 @@ baseline, our cold start); `draftloop train-sft` runs it (worker.train.cli).
 
 1. Trajectories: the target continues training prompts greedily, in batches
    (`worker.train.features.generate_batch`, a left-padded batched forward over
-   the target's own weights; in bfloat16 where that is fast). The hidden states
-   at the head's layers and the final normed hidden of every fed position are
-   kept on the way, so no second target pass is needed. Cached in chunks under
-   `<cache_dir>/sft/`, so a killed run regenerates nothing already written.
-   Prompts: the built-in ShareGPT train split or a JSONL file; never the
-   held-out split.
+   the target's own weights; in bfloat16 where that is fast). The taps the head
+   reads and the final normed hidden of every fed position are kept on the way
+   in the memory-mapped feature cache of `worker.train.featstore` (content
+   addressed, resumable), so no target pass is ever repeated. Prompts: the
+   built-in ShareGPT train split or a JSONL file; never the held-out split.
 2. Draft vocabulary: the most frequent target ids among the generated tokens
    (the remainder filled from prompt counts, then by id), as the d2t map.
 3. Training, the EAGLE-3 objective ("training-time test", `losses.ttt_loss`):
    `Eagle3Head.unroll` over `ttt_steps` draft steps, feeding the head's own
    hidden from step 2 on. Loss at step j: cross-entropy from the target's
    distribution restricted to the draft vocab (softmax of its final hidden
-   through the same frozen LM-head rows) to the head's -- forward KL(p‖q) up to
-   p's entropy; soft labels carry more per position than the greedy token --
-   weighted 0.8^j (as SpecForge), on every anchor (prompt anchors too: p is the
-   target's there as well). The optimizer state is saved every minute;
+   through the target's LM-head rows) to the head's (its own trained norm and
+   LM head) -- forward KL(p‖q) up to p's entropy -- weighted 0.8^j (as
+   SpecForge), on reply anchors whose target argmax lies in the draft vocab.
+   Cosine LR over the budget (steps, minutes or token-positions, the first
+   spent). The optimizer state and budget spent are saved every minute;
    rerunning the command resumes.
 4. The head is written as the next `eagle3/v{N}` checkpoint (parent None),
    after a τ evaluation on a few held-out prompts."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
@@ -44,8 +42,8 @@ from service.llama import LlamaModel
 from .config import SFTConfig
 from .data import Trajectories, collate, trajectory_batches
 from .evaluate import evaluate_tau
-from .features import bf16_copy, generate_batch
-from .loop import autocast, load_state, make_optimizer, optimizer_step, save_state, trainable_params, use_bf16, warmup_cosine_lr
+from .featstore import FeatureStore, GenerationSettings, build_store, cache_layers, digest
+from .loop import autocast, cosine_lr, load_state, make_optimizer, optimizer_step, save_state, trainable_params, use_bf16
 from .losses import ttt_loss
 
 log = logging.getLogger(__name__)
@@ -67,10 +65,6 @@ def exchange_ids(tokenizer, exchanges: Sequence[tuple[str, str]], max_tokens: in
     return out
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def collect_trajectories(
     model: LlamaModel,
     prompt_ids: Sequence[Sequence[int]],
@@ -81,36 +75,17 @@ def collect_trajectories(
     batch_size: int = 32,
     model_id: str = "",
     fast_bf16: bool = False,
-) -> Trajectories:
-    """Generate (or reuse cached) trajectories for every prompt, batch by batch.
-    Prompts are grouped by length to limit padding; each batch is one chunk file
-    under cache_dir/trajectories-<key>/, so an interrupted run resumes. With
-    fast_bf16 a bfloat16 copy of the target generates (its greedy path can part
-    from the float32 one at near-ties; the features differ by bf16 rounding --
-    both harmless for training data, and faster on CPUs with bf16 instructions)."""
-    key = _digest([model_id, list(hidden_layers), max_new_tokens, batch_size, sorted(eos_ids), fast_bf16, [list(p) for p in prompt_ids]])
-    folder = Path(cache_dir) / f"trajectories-{key}"
-    folder.mkdir(parents=True, exist_ok=True)
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    parts = []
-    gen_model = None
-    bar = tqdm(batches, desc="trajectories", unit="batch")
-    t0, n_tok = time.perf_counter(), 0
-    for i, batch in enumerate(bar):
-        path = folder / f"chunk-{i:05d}.safetensors"
-        if path.exists():
-            part = Trajectories.load(path)
-        else:
-            if gen_model is None:
-                gen_model = bf16_copy(model) if fast_bf16 and model.dtype != torch.bfloat16 else model
-            part = generate_batch(gen_model, [prompt_ids[j] for j in batch], max_new_tokens, eos_ids, hidden_layers)
-            part.save(path)
-            n_tok += part.tokens.numel()
-            bar.set_postfix(tok_per_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
-        parts.append(part)
-    log.info("trajectories: %d sequences, %d positions in %s", sum(map(len, parts)), sum(p.tokens.numel() for p in parts), folder)
-    return Trajectories.cat(parts)
+    max_seconds: float | None = None,
+) -> FeatureStore:
+    """Generate (or reuse cached) trajectories for `prompt_ids`, batch by batch,
+    into the feature cache under cache_dir (`worker.train.featstore`: taps of
+    `hidden_layers` and of the layers before them) -> a store reading
+    `hidden_layers`. With fast_bf16 a bfloat16 copy of the target generates (its
+    greedy path can part from the float32 one at near-ties; harmless for
+    training data, and faster on CPUs with bf16 instructions). `max_seconds`
+    bounds this call's generation (None: every prompt)."""
+    settings = GenerationSettings(model_id, cache_layers(hidden_layers), max_new_tokens, tuple(sorted(eos_ids)), fast_bf16)
+    return build_store(model, prompt_ids, settings, cache_dir, hidden_layers, batch_size, max_seconds)
 
 
 def build_draft_vocab(
@@ -141,32 +116,55 @@ class SFTResult:
     tau: float | None = None
 
 
-def _show_progress(bar: tqdm, history: list[dict], ttt_steps: int) -> None:
-    """Mean loss and per-step top-1 agreement of the last 20 steps on the progress bar."""
+@dataclass
+class Spent:
+    """The training budget spent so far (saved with the optimizer state)."""
+
+    step: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+
+    def fraction(self, cfg: SFTConfig) -> float:
+        """The spent fraction of the budget: the largest over the limits that are set."""
+        parts = [0.0]
+        if cfg.train_steps is not None:
+            parts.append(self.step / max(1, cfg.train_steps))
+        if cfg.train_minutes is not None:
+            parts.append(self.seconds / max(1e-9, 60.0 * cfg.train_minutes))
+        if cfg.train_tokens is not None:
+            parts.append(self.tokens / max(1, cfg.train_tokens))
+        return max(parts)
+
+
+def _show_progress(bar: tqdm, history: list[dict], ttt_steps: int, spent: float) -> None:
+    """Budget spent, mean loss and per-step top-1 agreement of the last 20 steps on the progress bar."""
     recent = history[-20:]
     acc_avg = [
         sum(h["acc"][j] for h in recent if len(h["acc"]) > j) / max(1, sum(len(h["acc"]) > j for h in recent))
         for j in range(ttt_steps)
     ]
-    bar.set_postfix(loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}", acc="/".join(f"{a:.2f}" for a in acc_avg))
+    bar.set_postfix(
+        budget=f"{100 * min(spent, 1.0):.1f}%",
+        loss=f"{sum(h['loss'] for h in recent) / len(recent):.3f}",
+        acc="/".join(f"{a:.2f}" for a in acc_avg),
+    )
 
 
-def _sft_step(head: Eagle3Head, opt: torch.optim.Optimizer, data: Trajectories, batches: list[list[int]], step: int, cfg: SFTConfig, bf16: bool) -> dict:
-    """Optimizer step `step` (epoch-wise shuffled batches) -> its history record."""
+def _sft_step(head: Eagle3Head, opt: torch.optim.Optimizer, data, batches: list[list[int]], step: int, lr: float, cfg: SFTConfig, bf16: bool) -> dict:
+    """Optimizer step `step` (epoch-wise shuffled batches of `data`) at `lr` -> its history record."""
     epoch, k = divmod(step, len(batches))
     perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
     batch = collate(data, batches[int(perm[k])])
     with autocast(head.fc.weight.device, bf16):
         loss, losses, accs = ttt_loss(head, batch, cfg.ttt_steps, cfg.loss_on_prompt)
-    lr = warmup_cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.train_steps)
     optimizer_step(opt, trainable_params(head), loss, lr, cfg.grad_clip)
     tokens = int(batch.valid.sum()) * cfg.ttt_steps
-    return {"step": step, "loss": float(loss.detach()), "losses": losses, "acc": accs, "tokens": tokens}
+    return {"step": step, "loss": float(loss.detach()), "losses": losses, "acc": accs, "tokens": tokens, "lr": lr}
 
 
 def train_head(
     head: Eagle3Head,
-    data: Trajectories,
+    data: Trajectories | FeatureStore,
     cfg: SFTConfig,
     state_dir: Path | None = None,
     *,
@@ -176,39 +174,43 @@ def train_head(
     on_step: StepHook | None = None,
 ) -> list[dict]:
     """Train `head` (attached to the target) in place on `data` with the TTT loss
-    (bf16 autocast where bf16 matmuls are fast; float32 master weights).
-    With state_dir, resumes from and periodically saves the optimizer state.
+    (bf16 autocast where bf16 matmuls are fast; float32 master weights) until
+    cfg's budget is spent. With state_dir, resumes from and periodically saves
+    the optimizer state, the budget spent and the history.
 
     To continue a run (benchmarks): pass its `opt` (from `make_optimizer`) and
-    `start_step`; `until_step` ends this call (default cfg.train_steps, the LR
-    schedule's length; later steps run at its final LR); `on_step(record)` is
-    called after every optimizer step and stops training by returning True.
-    Each history record counts `tokens`: non-padding positions x unrolled draft
-    steps, the head token-positions the step processed."""
+    `start_step`; `until_step` ends this call instead of the budget (later steps
+    run at the schedule's final LR); `on_step(record)` is called after every
+    optimizer step and stops training by returning True. Each history record
+    counts `tokens`: non-padding positions x unrolled draft steps, the head
+    token-positions the step processed."""
     bf16 = use_bf16(head.fc.weight.device, cfg.fast_bf16)
     frozen = head.frozen
     lm_rows = frozen.lm_rows
     if bf16:  # cast the frozen LM-head rows once, not in every autocast matmul
         frozen.lm_rows = lm_rows.to(torch.bfloat16)
     batches = trajectory_batches(data, cfg.batch_tokens)
-    opt = opt or make_optimizer(head, cfg)
-    start, history = start_step, []
+    opt = opt or make_optimizer(head, cfg, cfg.output_lr_scale)
+    spent, history = Spent(step=start_step), []
     if state_dir is not None and (meta := load_state(state_dir, head, opt)) is not None:
-        start, history = meta["step"], meta["history"]
-        log.info("resuming SFT from step %d (%s)", start, state_dir)
+        spent, history = Spent(**meta["spent"]), meta["history"]
+        log.info("resuming SFT from step %d (%s)", spent.step, state_dir)
     head.train()
     try:
-        last_save = time.monotonic()
-        until = cfg.train_steps if until_step is None else until_step
-        bar = tqdm(range(start, until), desc="sft", unit="step", initial=start, total=until)
-        for step in bar:
-            history.append(_sft_step(head, opt, data, batches, step, cfg, bf16))
-            _show_progress(bar, history, cfg.ttt_steps)
+        last_save, t0 = time.monotonic(), time.monotonic() - spent.seconds
+        bar = tqdm(desc="sft", unit="step", initial=spent.step, total=until_step or cfg.train_steps)
+        while (spent.step < until_step) if until_step is not None else spent.fraction(cfg) < 1.0:
+            lr = cosine_lr(spent.step, spent.fraction(cfg), cfg.lr, cfg.warmup_steps)
+            history.append(_sft_step(head, opt, data, batches, spent.step, lr, cfg, bf16))
+            spent = Spent(spent.step + 1, time.monotonic() - t0, spent.tokens + history[-1]["tokens"])
+            bar.update(1)
+            _show_progress(bar, history, cfg.ttt_steps, spent.fraction(cfg))
             if state_dir is not None and time.monotonic() - last_save > cfg.save_every_s:
-                save_state(state_dir, head, opt, {"step": step + 1, "history": history})
+                save_state(state_dir, head, opt, {"spent": asdict(spent), "history": history})
                 last_save = time.monotonic()
             if on_step is not None and on_step(history[-1]):
                 break
+        bar.close()
     finally:
         frozen.lm_rows = lm_rows
         head.eval()
@@ -219,25 +221,25 @@ def train_head(
 # the whole bootstrap
 
 
-def _training_data(target, prompts: Sequence[str], sft_dir: Path, layers: tuple[int, ...], cfg: SFTConfig, exchanges) -> tuple[Trajectories, Tensor]:
+def _training_data(target, prompts: Sequence[str], sft_dir: Path, layers: tuple[int, ...], cfg: SFTConfig, exchanges) -> tuple[FeatureStore, Tensor]:
     """Trajectories (+ teacher-forced `exchanges`) -> (data, generated tokens (N,))."""
     from worker.prompts import chat_ids, sharegpt_exchanges
 
     model = target.model
     fast = use_bf16(model.device, cfg.fast_bf16)
-    prompt_ids = [chat_ids(target.tokenizer, p) for p in prompts]
-    data = collect_trajectories(
-        model, prompt_ids, cfg.max_new_tokens, target.eos_token_ids, layers, sft_dir, cfg.gen_batch_size, target.model_id, fast
-    )
+    budget = None if cfg.gen_minutes is None else 60.0 * cfg.gen_minutes
+
+    def collect(ids: list[list[int]], max_new_tokens: int) -> FeatureStore:
+        return collect_trajectories(
+            model, ids, max_new_tokens, target.eos_token_ids, layers, sft_dir, cfg.gen_batch_size, target.model_id, fast, budget
+        )
+
+    data = collect([chat_ids(target.tokenizer, p) for p in prompts], cfg.max_new_tokens)
     resp = data.response_tokens()
     if exchanges is None:
         exchanges = sharegpt_exchanges("train", cfg.num_exchanges) if cfg.num_exchanges else ()
     if exchanges:  # one prefill per sequence: max_new_tokens=1 decodes nothing
-        forced = exchange_ids(target.tokenizer, exchanges, cfg.exchange_max_tokens)
-        texts = collect_trajectories(
-            model, forced, 1, target.eos_token_ids, layers, sft_dir, cfg.gen_batch_size, target.model_id, fast
-        )
-        data = Trajectories.cat([data, texts])
+        data = FeatureStore.merged([data, collect(exchange_ids(target.tokenizer, exchanges, cfg.exchange_max_tokens), 1)])
     return data, resp
 
 
@@ -246,7 +248,7 @@ def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int
     head = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel(), layers))
     head.reset_parameters(torch.Generator().manual_seed(seed))
     head.d2t.copy_(d2t)
-    head.to(dtype=model.dtype).attach(model)
+    head.init_output_from(model).to(dtype=model.dtype).attach(model)
     return head
 
 
@@ -267,7 +269,7 @@ def _save(
     target,
     head: Eagle3Head,
     checkpoint_dir,
-    data: Trajectories,
+    data: FeatureStore,
     resp: Tensor,  # (N,) generated tokens
     history: list[dict],
     cfg: SFTConfig,
@@ -289,12 +291,26 @@ def _save(
         "positions": int(data.tokens.numel()),
         "generated_tokens": int(resp.numel()),
         "blocks": 0,
-        "optimizer_steps": cfg.train_steps,
+        "optimizer_steps": len(history),
+        "head_token_positions": sum(h["tokens"] for h in history),
     }
     return save_checkpoint(
         head, checkpoint_dir, target.model_id, parent_version=None, trained_on=trained_on,
         eval_tau={"tau_before": None, "tau_after": info["tau"]}, extra={"trainer": "sft", "sft": sft_info},
     )  # fmt: skip
+
+
+def head_layers(model: LlamaModel, cfg: SFTConfig) -> tuple[int, ...]:
+    """The target layers the head reads: cfg.hidden_layers or the default taps."""
+    return tuple(cfg.hidden_layers) if cfg.hidden_layers else Eagle3Config.for_target(model.cfg, 1).hidden_layers
+
+
+def prepare_data(
+    target, prompts: Sequence[str], cache_dir: str | Path, cfg: SFTConfig, exchanges: Sequence[tuple[str, str]] | None = None
+) -> tuple[FeatureStore, Tensor]:
+    """Trajectories of `prompts` (+ teacher-forced exchanges) in the feature cache
+    under cache_dir/sft -> (data, generated tokens (N,)); `train-sft --generate-only`."""
+    return _training_data(target, prompts, Path(cache_dir) / "sft", head_layers(target.model, cfg), cfg, exchanges)
 
 
 def train_sft(
@@ -312,17 +328,17 @@ def train_sft(
     cfg = cfg or SFTConfig()
     torch.manual_seed(cfg.seed)
     model = target.model
-    sft_dir = Path(cache_dir) / "sft"
-    layers = tuple(cfg.hidden_layers) if cfg.hidden_layers else Eagle3Config.for_target(model.cfg, 1).hidden_layers
+    layers = head_layers(model, cfg)
     t0 = time.perf_counter()
-    data, resp = _training_data(target, prompts, sft_dir, layers, cfg, exchanges)
+    data, resp = prepare_data(target, prompts, cache_dir, cfg, exchanges)
     t_gen = time.perf_counter() - t0
     d2t = build_draft_vocab(resp, data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size)
     coverage = float(torch.isin(resp, d2t).float().mean()) if resp.numel() else 0.0
     log.info("draft vocab: %d ids, covering %.2f%% of the training trajectories' generated tokens", d2t.numel(), 100 * coverage)
     head = _new_head(model, d2t, layers, cfg.seed)
-    run_key = _digest([str(data.tokens.sum().item()), data.tokens.numel(), asdict(cfg) | {"eval_prompts": 0, "save_every_s": 0}])
-    state_dir = sft_dir / f"run-{run_key}"
+    unkeyed = {k: None for k in ("eval_prompts", "save_every_s", "gen_minutes", "train_steps", "train_minutes", "train_tokens")}
+    run_key = digest([str(data.tokens.sum().item()), data.tokens.numel(), asdict(cfg) | unkeyed])  # a larger budget resumes
+    state_dir = Path(cache_dir) / "sft" / f"run-{run_key}"
     t1 = time.perf_counter()
     history = train_head(head, data, cfg, state_dir)
     seconds = {"trajectories": round(t_gen, 1), "training": round(time.perf_counter() - t1, 1)}

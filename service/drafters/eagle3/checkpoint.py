@@ -1,7 +1,11 @@
 """The eagle3 checkpoint format: `<checkpoint_dir>/eagle3/v{N}/` holding
 `model.safetensors` (head weights + `d2t`) and `manifest.json`, written
 atomically by `service.checkpoints.store.save_version`; loading validates
-target id, shapes and the weights' sha256 before anything is served."""
+target id, shapes and the weights' sha256 before anything is served.
+
+Format 2 adds the head's own final norm and draft-vocab LM head (`norm.weight`,
+`lm_head.weight`). Format-1 checkpoints still load: those two start as the
+target's norm and LM-head rows, the frozen copies format 1 served with."""
 
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ from .head import Eagle3Head
 log = logging.getLogger(__name__)
 
 FORMAT = "draftloop-eagle3"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+FORMAT1_MISSING = ("norm.weight", "lm_head.weight")  # tensors format 1 did not store
 WEIGHTS_FILE = "model.safetensors"
 KIND_DIR = "eagle3"
 
@@ -81,8 +87,8 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     mpath = Path(path) / MANIFEST_FILE
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise CheckpointError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected one of {READABLE_VERSIONS}")
     return manifest
 
 
@@ -132,9 +138,10 @@ def _read_weights(path: Path, manifest: dict[str, Any]) -> dict[str, Tensor]:
         raise CheckpointError(f"{weights}: unreadable safetensors ({exc})") from None
 
 
-def _check_state(weights: Path, head: Eagle3Head, state: dict[str, Tensor], vocab_size: int) -> None:
-    """Tensor names and shapes as the head expects; d2t valid target ids."""
-    want = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+def _check_state(weights: Path, head: Eagle3Head, state: dict[str, Tensor], vocab_size: int, format_version: int) -> None:
+    """Tensor names and shapes as the head expects (for that format); d2t valid target ids."""
+    skip = FORMAT1_MISSING if format_version == 1 else ()
+    want = {k: tuple(v.shape) for k, v in head.state_dict().items() if k not in skip}
     got = {k: tuple(v.shape) for k, v in state.items()}
     if want != got:
         bad = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
@@ -155,8 +162,11 @@ def load_head(path: str | Path, target_model: LlamaModel, target_model_id: str) 
     cfg = _check_target(path, manifest, target_model.cfg, target_model_id)
     state = _read_weights(path, manifest)
     head = Eagle3Head(cfg)
-    _check_state(path / (manifest.get("weights_file") or WEIGHTS_FILE), head, state, target_model.cfg.vocab_size)
-    head.load_state_dict(state)
+    version = manifest["format_version"]
+    _check_state(path / (manifest.get("weights_file") or WEIGHTS_FILE), head, state, target_model.cfg.vocab_size, version)
+    head.load_state_dict(state, strict=version != 1)
+    if version == 1:
+        head.init_output_from(target_model)
     return head.attach(target_model), manifest
 
 

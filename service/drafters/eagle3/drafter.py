@@ -56,9 +56,9 @@ class Eagle3Drafter(Drafter):
 
     Context vocabulary: target ids that occur in the sequence (prompt and
     output) but not in the static draft vocabulary join that sequence's draft
-    vocabulary (their frozen LM-head rows, gathered once each), so the head can
-    copy names and rare words from the prompt at the cost of a few hundred extra
-    logits; it lifts the coverage of the target's tokens (docs/results.md)."""
+    vocabulary (the target's LM-head rows, gathered once each, applied to the
+    head's own normed hidden), so the head can copy names and rare words from
+    the prompt at the cost of a few hundred extra logits; it lifts the coverage of the target's tokens (docs/results.md)."""
 
     kind = "eagle3"
 
@@ -179,7 +179,6 @@ class Eagle3Drafter(Drafter):
         n_new = min(state.pending.shape[0], len(seq.tokens) - 1 - state.length)
         if k <= 0 or n_new <= 0:
             return Proposal([], None, [])
-        frozen = self.head.frozen
         if self.context_vocab:
             self._scan_context(state, seq.tokens)
         ids = torch.cat([self.head.d2t, state.ctx_ids[: state.n_ctx]]) if state.n_ctx else self.head.d2t
@@ -192,9 +191,9 @@ class Eagle3Drafter(Drafter):
         dists: list[Tensor] = []
         chain = prior  # the head's own estimate that every token drafted so far is accepted
         for i in range(k):
-            normed = F.rms_norm(hidden, (hidden.shape[-1],), frozen.norm_weight, frozen.norm_eps)
-            logits = F.linear(normed, frozen.lm_rows)  # (1, Vd)
-            if state.n_ctx:
+            normed = self.head.norm(hidden)  # (1, d)
+            logits = self.head.lm_head(normed)  # (1, Vd)
+            if state.n_ctx:  # context ids: the target's LM-head rows on the head's normed hidden
                 logits = torch.cat([logits, F.linear(normed, ctx_rows)], dim=-1)  # (1, Vd + n_ctx)
             pick = self._pick(logits, ids, params, gen)
             chain *= pick.confidence

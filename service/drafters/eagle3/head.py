@@ -1,7 +1,8 @@
 """The EAGLE-3 head (Li et al., EAGLE-3, 2025): a one-layer decoder on fused
-target hidden states, with the target's embedding, final norm and LM-head rows
-shared and frozen. `step` is the cached serving forward, `unroll` the batched
-"training-time test" forward; the design is in docs/architecture.md.
+target hidden states, with the target's token embedding shared and frozen and
+its own final norm and draft-vocab LM head (initialised from the target's).
+`step` is the cached serving forward, `unroll` the batched "training-time
+test" forward; the design is in docs/architecture.md.
 
 - `fc` fuses the target's residual streams after a low, a middle and a high
   layer, (3d) -> (d). That is the head's hidden input at verified positions.
@@ -13,10 +14,11 @@ shared and frozen. `step` is the cached serving forward, `unroll` the batched
   [input_norm(embedding of the next token), hidden_norm(hidden)] (2d wide:
   q/k/v take 2d inputs, as in EAGLE-3), with the *hidden* as the residual;
   then a standard post-attention norm + SwiGLU MLP.
-- logits through the target's frozen final norm and the frozen rows of its LM
-  head for a reduced draft vocabulary (`d2t`: draft id -> target id); the
-  target's token embedding is shared and frozen too. None of the frozen
-  target tensors are in the checkpoint, only `d2t`.
+- logits through the head's own final norm and LM head over a reduced draft
+  vocabulary (`d2t`: draft id -> target id), both trained and initialised from
+  the target's final norm and its LM-head rows of the draft vocab (as EAGLE-3
+  and SpecForge; checkpoint format 2). The target's token embedding is shared
+  and frozen; none of the frozen target tensors are in the checkpoint.
 - From the second draft step the head feeds its own output hidden state (not a
   target feature) back in: "training-time test". `Eagle3Head.unroll` is that
   unrolled training forward; `Eagle3Drafter` runs the same math step by step
@@ -44,7 +46,8 @@ from .config import Eagle3Config
 @dataclass
 class FrozenTarget:
     """The target tensors the head shares and never trains: token embedding,
-    final norm, the LM head rows of the draft vocabulary, RoPE tables."""
+    RoPE tables, and the target's final norm and LM-head rows of the draft
+    vocabulary (the SFT labels; the head's own copies are `norm`/`lm_head`)."""
 
     embed: Tensor  # (V, d)
     norm_weight: Tensor  # (d,)
@@ -72,8 +75,8 @@ class FrozenTarget:
 
 class Eagle3Head(nn.Module):
     """Trainable weights: the three feature norms, fc, the two input norms, the 2d-input attention, the
-    post-attention norm and the MLP. Buffer: d2t (Vd,) int64. The frozen target
-    parts are attached with `attach(target_model)` (or by assigning `frozen`)
+    post-attention norm, the MLP, the final norm and the draft-vocab LM head.
+    Buffer: d2t (Vd,) int64. The frozen target parts are attached with `attach(target_model)` (or by assigning `frozen`)
     and are not module state."""
 
     def __init__(self, cfg: Eagle3Config):
@@ -88,6 +91,8 @@ class Eagle3Head(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.post_attention_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.layer_config())
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)  # final norm (from the target's, `init_output_from`)
+        self.lm_head = nn.Linear(d, cfg.draft_vocab_size, bias=False)  # rows of the draft vocab
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size, dtype=torch.long))
         self._frozen_target: FrozenTarget | None = None
 
@@ -102,12 +107,22 @@ class Eagle3Head(nn.Module):
                 lin.weight.normal_(0.0, std, generator=generator)
             for lin in (self.o_proj, self.mlp.down_proj):
                 lin.weight.normal_(0.0, std / math.sqrt(2.0), generator=generator)
-            for norm in (self.input_norm, self.hidden_norm, self.post_attention_norm, *self.feature_norms):
+            for norm in (self.input_norm, self.hidden_norm, self.post_attention_norm, self.norm, *self.feature_norms):
                 norm.weight.fill_(1.0)
             if fc_identity:
                 d = self.cfg.hidden_size
                 self.fc.weight.zero_()
                 self.fc.weight[:, 2 * d :] = torch.eye(d)
+
+    @torch.no_grad()
+    def init_output_from(self, model: LlamaModel) -> Eagle3Head:
+        """Final norm and LM head := the target's norm weight and its LM-head rows
+        of `d2t` (a new head, or a format-1 checkpoint that had no copies)."""
+        self.norm.weight.copy_(model.norm.weight.detach())
+        self.norm.eps = model.norm.eps
+        lm_weight = model.lm_head.weight.detach()
+        self.lm_head.weight.copy_(lm_weight[self.d2t.to(lm_weight.device)])
+        return self
 
     def attach(self, model: LlamaModel) -> Eagle3Head:
         """Share the target's frozen tensors (gathers the draft vocab's LM-head rows)."""
@@ -135,10 +150,8 @@ class Eagle3Head(nn.Module):
         self,
         hidden: Tensor,  # (..., d) head output
     ) -> Tensor:
-        """-> (..., Vd) draft-vocab logits."""
-        frozen = self.frozen
-        normed = F.rms_norm(hidden, (hidden.shape[-1],), frozen.norm_weight, frozen.norm_eps)
-        return F.linear(normed, frozen.lm_rows)
+        """-> (..., Vd) draft-vocab logits (the head's own norm and LM head)."""
+        return self.lm_head(self.norm(hidden))
 
     def _attn_input(
         self,
