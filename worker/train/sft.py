@@ -65,6 +65,8 @@ def exchange_ids(tokenizer, exchanges: Sequence[tuple[str, str]], max_tokens: in
     return out
 
 
+# Its leading parameters repeat generate_batch's on purpose (a deliberate duplicate pair):
+# it is the cached, batched driver of that one function.
 def collect_trajectories(
     model: LlamaModel,
     prompt_ids: Sequence[Sequence[int]],
