@@ -253,10 +253,10 @@ def check_published_v2(rep: dict, r: redis.Redis, ckdir: Path, url: str, traffic
     assert checkpoints.read_pointer(r)["version"] == 2
     wait_for("the server to serve v2", lambda: version() == 2.0, 60, (server,))
     served = len(traffic.ok)
-    wait_for("a request served by v2", lambda: "draftloop-eagle3-2" in traffic.ok[served:], 120, (server,))
+    wait_for("a request served by v2", lambda: "draftloop-hybrid-2" in traffic.ok[served:], 120, (server,))
     traffic.stop()
     assert not traffic.failures, traffic.failures[:5]
-    assert "draftloop-eagle3-1" in traffic.ok  # requests ran before the swap too
+    assert "draftloop-hybrid-1" in traffic.ok  # requests ran before the swap too
     text = httpx.get(f"{url}/metrics").text
     assert metric(text, 'draftloop_drafter_reloads_total{outcome="ok"}') >= 1
     assert metric(text, 'draftloop_drafter_reloads_total{outcome="refused"}') == 0
@@ -326,7 +326,8 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
                 for p in prompts:
                     resp = c.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": p, "max_tokens": 32, "temperature": 0})
                     assert resp.status_code == 200, resp.text
-                    assert resp.json()["system_fingerprint"] == "draftloop-eagle3-1"
+                    # auto serves a published head wrapped with prompt lookup (service.drafters.hybrid)
+                    assert resp.json()["system_fingerprint"] == "draftloop-hybrid-1"
         wait_for("block records", lambda: r.xlen(stream) >= 60, 60, (server,))
         n_blocks = r.xlen(stream)
 
@@ -338,10 +339,11 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         rep = run_task(app, worker)
         t_opd = time.monotonic() - t1
         gate = rep["gate"]
-        assert rep["published"] == gate["publish"] and gate["incumbent"] == "eagle3 1", rep
+        assert rep["published"] == gate["publish"] and gate["incumbent"] == "hybrid 1", rep
         assert gate["requests"] == 4 and gate["k"] == 4 and gate["low"] is not None
         assert rep["entries"]["count"] >= n_blocks and rep["blocks"]["train_blocks"] > 0
-        assert rep["blocks"]["heldout_blocks"] > 0 and rep["blocks"]["off_policy"] == 0
+        # blocks whose drafts came (partly) from prompt lookup are not the head's policy
+        assert rep["blocks"]["heldout_blocks"] > 0 and rep["blocks"]["off_policy"] >= 0
         if rep["published"]:  # 5.-6. the server reloads v2
             check_published_v2(rep, r, ckdir, url, traffic, server, version)
         else:
@@ -350,7 +352,7 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
             assert rep["status"] == "not_published" and gate["low"] <= 0.0 and rep["new_version"] is None
             assert checkpoints.read_pointer(r)["version"] == 1 and checkpoints.list_versions(ckdir) == [1]
             traffic.stop()
-            assert not traffic.failures and set(traffic.ok) == {"draftloop-eagle3-1"}, traffic.failures[:5]
+            assert not traffic.failures and set(traffic.ok) == {"draftloop-hybrid-1"}, traffic.failures[:5]
         kinds = [(x["kind"], x["status"], x["new_version"]) for x in reports(ckdir)]
         assert kinds == [("sft_bootstrap", "not_published", None), ("opd", rep["status"], rep["new_version"])]
         assert r.xpending(stream, GROUP)["pending"] == 0

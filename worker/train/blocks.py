@@ -65,12 +65,12 @@ def block_age(drafter_version: str, current_version: int) -> int | None:
 def on_policy(rec: BlockRecord) -> bool:
     """Whether a drafted block was drafted by the eagle3 head, the policy Draft-OPD
     trains: `drafter_kind` "eagle3", or "hybrid" with every drafted token from
-    the head ("e" in `draft_sources`). Records without `drafter_kind` (older
-    ones): the engine logs `drafter.version`, a checkpoint number >= 1 for a
-    loaded eagle3 head but "0" for ngram and none and a name for a draft
-    model, so only a version >= 1 counts."""
+    the head ("e" in `draft_sources`). Records that do not say (schema 1, or
+    built without it: kind "unknown"): the engine logs `drafter.version`, a
+    checkpoint number >= 1 for a loaded eagle3 head but "0" for ngram and
+    none and a name for a draft model, so only a version >= 1 counts."""
     kind = getattr(rec, "drafter_kind", None)
-    if kind is None:
+    if kind in (None, "unknown"):
         try:
             return int(rec.drafter_version) >= 1
         except (TypeError, ValueError):
