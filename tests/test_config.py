@@ -12,8 +12,9 @@ import pytest
 from pydantic import ValidationError
 
 from service.config import Settings
+from worker.app import TASK_SOFT_TIME_LIMIT_S
 from worker.train.config import OPDConfig, SFTConfig, check_trainer_settings
-from worker.update import opd_config, sft_config
+from worker.update import BOOTSTRAP_DEFAULTS, opd_config, sft_config
 
 from .conftest import ROOT
 
@@ -35,7 +36,10 @@ def test_trainer_overrides_parse_from_the_environment(monkeypatch: pytest.Monkey
 def test_empty_overrides_are_the_defaults(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     monkeypatch.setenv("DRAFTLOOP_OPD_TRAIN", raw)
     assert Settings(_env_file=None).opd_train == {}
-    assert sft_config(Settings(_env_file=None)) == SFTConfig()
+    sft = sft_config(Settings(_env_file=None))
+    assert sft == SFTConfig(**BOOTSTRAP_DEFAULTS)
+    # the worker's bootstrap fits one task: generation + training leave time to evaluate and gate
+    assert (sft.gen_minutes + sft.train_minutes) * 60 < TASK_SOFT_TIME_LIMIT_S * 0.7
 
 
 @pytest.mark.parametrize(

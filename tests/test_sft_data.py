@@ -61,7 +61,7 @@ def test_ttt_loss_is_finite_when_no_row_counts():
     batch.next_ids.fill_(0)  # every argmax outside the draft vocab: no row counts
     loss, losses, _ = ttt_loss(head, batch, 2)
     loss.backward()
-    assert float(loss) == 0.0 and losses == []
+    assert float(loss.detach()) == 0.0 and losses == []
 
 
 def test_feature_cache_resumes_and_is_content_addressed(tmp_path, monkeypatch):

@@ -81,6 +81,16 @@ MAX_BLOCKS = 4096  # per run; the rest waits for the next one
 # training stops early past this, leaving time to evaluate and save
 TRAIN_BUDGET_S = 0.5 * TASK_SOFT_TIME_LIMIT_S
 
+# The bootstrap must finish inside one task (its soft time limit), with time
+# left for the held-out evaluation and the gate: a smaller first run than
+# `draftloop train-sft`'s defaults, which are sized for a run by hand.
+BOOTSTRAP_DEFAULTS: dict[str, Any] = {
+    "num_prompts": 512,
+    "max_new_tokens": 128,
+    "gen_minutes": 0.3 * TASK_SOFT_TIME_LIMIT_S / 60,
+    "train_minutes": 0.35 * TASK_SOFT_TIME_LIMIT_S / 60,
+}
+
 Progress = Callable[..., None]  # progress(phase, **info)
 
 _target_cache: dict[str, Any] = {}
@@ -96,8 +106,8 @@ def opd_config(settings: Settings) -> OPDConfig:
 
 
 def sft_config(settings: Settings) -> SFTConfig:
-    """The SFT bootstrap config (DRAFTLOOP_SFT_BOOTSTRAP overrides)."""
-    return SFTConfig(**settings.sft_bootstrap)
+    """The SFT bootstrap config: a budget that fits one task, then DRAFTLOOP_SFT_BOOTSTRAP overrides."""
+    return SFTConfig(**{**BOOTSTRAP_DEFAULTS, **settings.sft_bootstrap})
 
 
 def get_target(settings: Settings) -> Target:
