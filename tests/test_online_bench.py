@@ -43,6 +43,7 @@ def run_bench(settings: Settings, *args: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "DRAFTLOOP_CACHE_DIR": str(settings.cache_dir),
         "OMP_NUM_THREADS": "1",
+        "DRAFTLOOP_DTYPE": "float32",  # auto may pick bfloat16 on a CPU where it is faster; the test pins it
     }
     env.pop("DRAFTLOOP_OPD_TRAIN", None)
     cmd = [sys.executable, "-m", "benchmarks.online", *args]
