@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -24,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+
+from .fileutil import write_text_atomic
 
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,7 @@ def cached_curve(
     path = _curve_path(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "seconds": seconds}))
-        os.replace(tmp, path)  # readers never see a partial file
+        write_text_atomic(path, json.dumps({"key": key, "seconds": seconds}))  # readers never see a partial file
     except OSError as exc:
         log.warning("could not cache the verify-cost curve at %s: %s", path, exc)
     return seconds

@@ -1,5 +1,6 @@
 """File helpers shared by the model store, the checkpoint store and the
-worker's report writer: content hashing and durable writes (fsync).
+worker's report writer: content hashing, durable writes (fsync) and atomic
+replacement of small text files.
 
 Imports no torch: the API's admin routes and the worker use it."""
 
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 
@@ -26,3 +28,22 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: str | Path, text: str, durable: bool = False) -> None:
+    """Replace `path` with `text` so a reader sees the old file or the new one,
+    never a partial one (a uniquely named temp file in the same folder, then
+    rename). `durable`: fsync the file and the folder, so the new entry
+    survives a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # matches no glob of the real names
+    try:
+        tmp.write_text(text)
+        if durable:
+            fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_path(path.parent)

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from service.fileutil import fsync_path
+from service.fileutil import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +23,7 @@ def write_report(checkpoint_dir: Path, version: int, report: dict[str, Any]) -> 
     folder.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     path = folder / f"{stamp}-v{version}.json"
-    tmp = folder / f".tmp-{uuid.uuid4().hex}.json"
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(folder)
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n", durable=True)
     log.info("report %s", path)
     return path
 

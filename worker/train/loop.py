@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from service.drafters.eagle3 import Eagle3Head, FrozenTarget
+from service.fileutil import write_text_atomic
 from service.llama import LlamaModel
 
 
@@ -102,8 +103,7 @@ def save_state(path: Path, head: Eagle3Head, opt: torch.optim.Optimizer, meta: d
     tmp = path / "state.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, path / "state.safetensors")
-    (path / "state.json.tmp").write_text(json.dumps(meta))
-    os.replace(path / "state.json.tmp", path / "state.json")
+    write_text_atomic(path / "state.json", json.dumps(meta))
 
 
 def load_state(path: Path, head: Eagle3Head, opt: torch.optim.Optimizer) -> dict | None:
