@@ -181,3 +181,27 @@ def live_server(
 @pytest.fixture(scope="session")
 def live_server_url(live_server: LiveServer) -> str:
     return live_server.url
+
+
+REDIS_HOST = "redis://127.0.0.1:6379"
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A Redis database no one else uses, claimed in db 0 and flushed afterwards."""
+    base = redis_or_skip(f"{REDIS_HOST}/0")
+    owner = uuid.uuid4().hex
+    for db in range(15, 0, -1):
+        claim = f"draftloop:test:db:{db}"
+        if base.set(claim, owner, nx=True, ex=1800):
+            client = redis.Redis.from_url(f"{REDIS_HOST}/{db}")
+            if client.dbsize() == 0:
+                try:
+                    yield f"{REDIS_HOST}/{db}"
+                finally:
+                    client.flushdb()
+                    if base.get(claim) == owner.encode():
+                        base.delete(claim)
+                return
+            base.delete(claim)
+    pytest.skip("no free Redis database")

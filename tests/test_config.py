@@ -38,8 +38,10 @@ def test_empty_overrides_are_the_defaults(monkeypatch: pytest.MonkeyPatch, raw: 
     assert Settings(_env_file=None).opd_train == {}
     sft = sft_config(Settings(_env_file=None))
     assert sft == SFTConfig(**BOOTSTRAP_DEFAULTS)
-    # the worker's bootstrap fits one task: generation + training leave time to evaluate and gate
-    assert (sft.gen_minutes + sft.train_minutes) * 60 < TASK_SOFT_TIME_LIMIT_S * 0.7
+    # each bootstrap tick fits one task: generation + a training slice leave time to gate;
+    # the whole budget takes several ticks (worker.bootstrap)
+    assert (sft.gen_minutes + sft.tick_minutes) * 60 < TASK_SOFT_TIME_LIMIT_S * 0.7
+    assert sft.train_minutes > sft.tick_minutes
 
 
 @pytest.mark.parametrize(

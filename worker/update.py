@@ -3,11 +3,12 @@ Celery task `worker.tasks.opd_update` runs it (the self-improvement loop,
 docs/architecture.md).
 
 One run, under the Redis training lock (the caller holds it):
-1. No loadable eagle3 checkpoint for this target yet: the SFT bootstrap
-   (`worker.train.sft.train_sft`) trains one; it is published (version 1 on a
-   fresh store) only when the gate (`worker.publish_gate`) finds it better than
-   what the servers serve without one (ngram for DRAFTLOOP_DRAFTER=auto); it
-   stays out of the store until then (`<checkpoint_dir>/unpublished/`); the run ends.
+1. While the SFT bootstrap lasts (no eagle3 version yet, or its budget is not
+   spent): one bootstrap tick (`worker.bootstrap`): served requests' tokens
+   join the pool, generation and a training slice, and the gate publishes the
+   tick's head only when it beats the serving drafter (ngram for
+   DRAFTLOOP_DRAFTER=auto before any version); a refused head stays under
+   `<checkpoint_dir>/unpublished/`; the run ends.
 2. Fewer than DRAFTLOOP_OPD_MIN_BLOCKS blocks waiting for the consumer group
    (undelivered + pending, from XINFO GROUPS; nothing is consumed): return.
 3. Read the blocks with consumer group `opd` -- this consumer's pending entries
@@ -61,7 +62,8 @@ from service.config import Settings
 from service.drafters import eagle3
 
 from .app import TASK_SOFT_TIME_LIMIT_S
-from .publish_gate import publish_decision, stage, unstage
+from . import bootstrap
+from .publish_gate import publish_decision
 from .train.config import OPDConfig, SFTConfig
 from .train.opd import opd_update as run_opd, save_update
 from .reports import latest_report, write_report
@@ -81,14 +83,15 @@ MAX_BLOCKS = 4096  # per run; the rest waits for the next one
 # training stops early past this, leaving time to evaluate and save
 TRAIN_BUDGET_S = 0.5 * TASK_SOFT_TIME_LIMIT_S
 
-# The bootstrap must finish inside one task (its soft time limit), with time
-# left for the held-out evaluation and the gate: a smaller first run than
-# `draftloop train-sft`'s defaults, which are sized for a run by hand.
+# The bootstrap (`worker.bootstrap`): about an hour of CPU over several beat
+# ticks, each fitting one task with time left for the gate: generation, then a
+# training slice, of one cosine schedule over `train_minutes`.
 BOOTSTRAP_DEFAULTS: dict[str, Any] = {
-    "num_prompts": 512,
     "max_new_tokens": 128,
     "gen_minutes": 0.3 * TASK_SOFT_TIME_LIMIT_S / 60,
-    "train_minutes": 0.35 * TASK_SOFT_TIME_LIMIT_S / 60,
+    "tick_minutes": 0.35 * TASK_SOFT_TIME_LIMIT_S / 60,
+    "train_minutes": 30.0,
+    "eval_prompts": 0,  # the gate evaluates every tick's head
 }
 
 Progress = Callable[..., None]  # progress(phase, **info)
@@ -145,52 +148,20 @@ def current_checkpoint(r: redis.Redis, settings: Settings, target: Target) -> tu
     return found.version, found.value
 
 
-def bootstrap(r: redis.Redis, settings: Settings, target: Target, progress: Progress | None = None) -> dict[str, Any]:
-    """The SFT bootstrap: train the first drafter, publish it, report."""
-    from .prompts import sharegpt_prompts
-
-    from .train.sft import train_sft
-
-    t0, started = time.perf_counter(), _now()
+def _bootstrap_tick(
+    r: redis.Redis, settings: Settings, target: Target, current: tuple | None, progress: Progress | None
+) -> dict[str, Any] | None:
+    """One tick of the SFT bootstrap while it lasts (`worker.bootstrap`) -> its
+    report; None when the ticks are Draft-OPD updates: the budget is spent, or a
+    version exists that no bootstrap trained (by hand, or imported)."""
     cfg = sft_config(settings)
-    log.info("no eagle3 drafter for %s yet: running the SFT bootstrap (%s)", target.model_id, asdict(cfg))
-    if progress:
-        progress("bootstrap", num_prompts=cfg.num_prompts, train_steps=cfg.train_steps)
-    prompts = list(sharegpt_prompts("train", limit=cfg.num_prompts))
-    result = train_sft(target, prompts, settings.checkpoint_dir, settings.cache_dir, cfg)
-    version = int(result.checkpoint.name.removeprefix("v"))
-    report = {
-        "kind": "sft_bootstrap",
-        **_bootstrap_outcome(r, settings, target, result.checkpoint, version),
-        "base_version": None,
-        "target_model": target.model_id,
-        "started_at": started,
-        "duration_s": round(time.perf_counter() - t0, 2),
-        "tau_before": None,
-        "tau_after": result.tau,
-        "loss": {"last": result.history[-1]["loss"] if result.history else None},
-        "config": asdict(cfg),
-    }
-    write_report(settings.checkpoint_dir, version, report)
-    return report
-
-
-def _bootstrap_outcome(
-    r: redis.Redis, settings: Settings, target: Target, path: Path, version: int
-) -> dict[str, Any]:
-    """Publish the bootstrap checkpoint at `path` when the gate says so (it is out of
-    the store meanwhile), else leave it under `unpublished/` -> the report's status,
-    published, pointer_moved, new_version, checkpoint, gate."""
-    staged = stage(path, settings.checkpoint_dir)
-    head = eagle3.load_head(staged, target.model, target.model_id)[0]
-    gate = publish_decision(r, settings, target, head, [], opd_config(settings), before_eagle3=True)
-    if not gate.publish:
-        log.info("bootstrap: not publishing v%d: %s", version, gate.reason)
-        return {"status": "not_published", "published": False, "pointer_moved": False, "new_version": None,
-                "checkpoint": str(staged), "gate": gate.as_dict()}  # fmt: skip
-    moved = checkpoints.publish_version(r, version, unstage(staged, path))
-    return {"status": "bootstrapped", "published": True, "pointer_moved": moved, "new_version": version,
-            "checkpoint": str(path), "gate": gate.as_dict()}  # fmt: skip
+    spent = bootstrap.budget_spent(settings, cfg)
+    if spent or (spent is None and current is not None):
+        return None
+    if spent is None:
+        log.info("no eagle3 drafter for %s yet: starting the SFT bootstrap (%s)", target.model_id, asdict(cfg))
+    consumer = BlockConsumer(r, settings.block_stream, GROUP, CONSUMER)
+    return bootstrap.run_tick(r, settings, target, consumer, cfg, opd_config(settings), MAX_BLOCKS, progress)
 
 
 # ---------------------------------------------------------------------------
@@ -216,8 +187,12 @@ def run_update(
     target = target or get_target(settings)
     stream, t0, started = settings.block_stream, time.perf_counter(), _now()
     current = current_checkpoint(r, settings, target)
-    if current is None:
-        return bootstrap(r, settings, target, progress)
+    tick = _bootstrap_tick(r, settings, target, current, progress)
+    if tick is not None:
+        return tick
+    if current is None:  # the bootstrap is spent and the gate refused every head it trained
+        log.warning("opd: no eagle3 version was ever published; raise DRAFTLOOP_SFT_BOOTSTRAP's train_minutes to train on")
+        return {"status": "no_drafter", "bootstrap_spent": True}
     version, head = current
 
     consumer = BlockConsumer(r, stream, GROUP, CONSUMER)

@@ -76,6 +76,10 @@ class SFTConfig(_Validated):
     train_steps: int | None = None  # optimizer steps
     train_minutes: float | None = 30.0
     train_tokens: int | None = None  # head token-positions (non-padding positions x ttt_steps)
+    # The worker's bootstrap spreads that budget over beat ticks: one tick trains
+    # at most this much, then gates its head (None: no limit per tick).
+    tick_minutes: float | None = None
+    tick_steps: int | None = None
     batch_tokens: int = 2048  # padded B x T per optimizer step
     lr: float = 3e-3
     output_lr_scale: float = 0.1  # LR factor of the final norm and LM head (start as the target's)

@@ -11,6 +11,10 @@ each shard's `<digest>` addresses its prompts within them, so a killed
 generation resumes where it stopped and a run over a prefix of the same
 prompts reuses the shards it shares.
 
+Served requests' own tokens (the worker's bootstrap reads them from the block
+log) go into `served-<digest>` shards of the same folder (`add_served`), and
+every one written so far is read back (`served_store`).
+
 Prompts are taken in groups (in their given order), sorted by length within a
 group to limit padding, and cut into generation batches."""
 
@@ -34,7 +38,7 @@ from tqdm import tqdm
 from service.llama import LlamaModel
 
 from .data import Trajectories, TrajectoryIndex
-from .features import bf16_copy, generate_batch
+from .features import bf16_copy, forced_batch, generate_batch
 
 log = logging.getLogger(__name__)
 
@@ -191,3 +195,40 @@ def build_store(
     store = FeatureStore(shards, settings.layers, use_layers)
     log.info("trajectories: %d sequences, %d positions in %s", len(store), store.tokens.numel(), folder)
     return store
+
+
+SERVED_PREFIX = "served-"
+
+
+def add_served(
+    model: LlamaModel,
+    sequences: Sequence[tuple[Sequence[int], Sequence[int]]],  # (prompt ids, completion ids)
+    settings: GenerationSettings,
+    cache_dir: Path,
+    batch_size: int = 32,
+) -> int:
+    """Teacher-forced features of served (prompt, completion) pairs into new
+    `served-*` shards (length-sorted batches; a batch already cached is skipped)
+    -> positions written."""
+    folder = Path(cache_dir) / f"features-{settings.key()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]) + len(sequences[i][1]))
+    gen_model, written = None, 0
+    for start in range(0, len(order), batch_size):
+        part = [sequences[i] for i in order[start : start + batch_size]]
+        path = folder / f"{SERVED_PREFIX}{digest([[list(p), list(c)] for p, c in part])}"
+        if path.exists():
+            continue
+        if gen_model is None:
+            gen_model = bf16_copy(model) if settings.bf16 and model.dtype != torch.bfloat16 else model
+        traj = forced_batch(gen_model, part, settings.layers)
+        write_shard(path, traj)
+        written += traj.tokens.numel()
+    return written
+
+
+def served_store(settings: GenerationSettings, cache_dir: Path, use_layers: Sequence[int]) -> FeatureStore | None:
+    """Every served shard written under these settings (None: none yet)."""
+    folder = Path(cache_dir) / f"features-{settings.key()}"
+    paths = sorted(p for p in folder.glob(f"{SERVED_PREFIX}*") if not p.name.endswith(".tmp"))
+    return FeatureStore([_Shard.open(p) for p in paths], settings.layers, use_layers) if paths else None

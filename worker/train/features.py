@@ -99,3 +99,27 @@ def compute_features(
             _, taps = batched_forward(model, ids, k_cache, v_cache, 0, torch.zeros(1, dtype=torch.long, device=model.device), layers)
         req.features = taps[0].to(model.dtype)
         req.ctx_rows = model.lm_head.weight.detach()[req.ctx_ids.to(model.device)]
+
+
+@torch.inference_mode()
+def forced_batch(model: LlamaModel, sequences: Sequence[tuple[Sequence[int], Sequence[int]]], hidden_layers: tuple[int, ...]) -> Trajectories:
+    """Teacher-forced trajectories of given (prompt, completion) pairs -- served
+    requests' own tokens -- in one left-padded forward: the same arrays as
+    `generate_batch`, with `prompt_lens` the prompts' lengths. The loss reads the
+    target's distribution at every position, so a sampled completion trains the
+    head as well as a greedy one; only the OOV-argmax mask then sees the sampled
+    token instead of the argmax (`last_next`: the argmax after the last position)."""
+    full = [list(p) + list(c) for p, c in sequences]
+    ids, lens, pad = _left_padded(full)
+    batch, width = ids.shape
+    k_cache, v_cache = new_padded_cache(model, batch, width)
+    final, feats = batched_forward(model, ids, k_cache, v_cache, 0, pad, hidden_layers)
+    last_next = model.lm_head(final[:, -1]).max(-1).indices
+    rows = [slice(int(pad[i]), width) for i in range(batch)]
+    return Trajectories.from_parts(
+        [ids[i, sl] for i, sl in enumerate(rows)],
+        [feats[i, sl].bfloat16() for i, sl in enumerate(rows)],
+        [final[i, sl].bfloat16() for i, sl in enumerate(rows)],
+        prompt_lens=torch.tensor([len(p) for p, _ in sequences], dtype=torch.long),
+        last_next=last_next,
+    )

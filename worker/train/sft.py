@@ -25,6 +25,7 @@ baseline, our cold start); `draftloop train-sft` runs it (worker.train.cli).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -42,7 +43,7 @@ from service.llama import LlamaModel
 from .config import SFTConfig
 from .data import Trajectories, collate, trajectory_batches
 from .evaluate import evaluate_tau
-from .featstore import FeatureStore, GenerationSettings, build_store, cache_layers, digest
+from .featstore import FeatureStore, GenerationSettings, add_served, build_store, cache_layers, digest, served_store
 from .loop import autocast, cosine_lr, load_state, make_optimizer, optimizer_step, save_state, trainable_params, use_bf16
 from .losses import ttt_loss
 
@@ -116,6 +117,7 @@ class SFTResult:
     history: list[dict] = field(default_factory=list)  # per logged step: loss, acc per draft step
     trained_tokens: int = 0
     tau: float | None = None
+    finished: bool = True  # the training budget is spent (a ticking bootstrap: False until its last call)
 
 
 @dataclass
@@ -213,6 +215,8 @@ def train_head(
             if on_step is not None and on_step(history[-1]):
                 break
         bar.close()
+        if state_dir is not None:  # a stop by on_step (a bootstrap tick's slice) resumes from here
+            save_state(state_dir, head, opt, {"spent": asdict(spent), "history": history})
     finally:
         frozen.lm_rows = lm_rows
         head.eval()
@@ -315,6 +319,43 @@ def prepare_data(
     return _training_data(target, prompts, Path(cache_dir) / "sft", head_layers(target.model, cfg), cfg, exchanges)
 
 
+def _saved_d2t(state_dir: Path) -> Tensor | None:
+    """The draft vocabulary of a saved training state (None: nothing saved yet)."""
+    from safetensors import safe_open
+
+    path = state_dir / "state.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as saved:
+        return saved.get_tensor("head.d2t") if "head.d2t" in saved.keys() else None
+
+
+def _with_served(target, data: FeatureStore, cache_dir: str | Path, cfg: SFTConfig, served: Sequence[tuple[list[int], list[int]]]) -> FeatureStore:
+    """`data` plus every served (prompt, completion) pair cached so far, `served` added first."""
+    layers = head_layers(target.model, cfg)
+    fast = use_bf16(target.model.device, cfg.fast_bf16)
+    settings = GenerationSettings(target.model_id, cache_layers(layers), cfg.max_new_tokens, tuple(sorted(target.eos_token_ids)), fast)
+    folder = Path(cache_dir) / "sft"
+    if served:
+        n = add_served(target.model, served, settings, folder, max(1, cfg.gen_batch_size // 4))
+        log.info("served requests: %d sequences, %d new positions in the training pool", len(served), n)
+    pool = served_store(settings, folder, layers)
+    return data if pool is None else FeatureStore.merged([data, pool])
+
+
+def _slice_hook(cfg: SFTConfig) -> StepHook:
+    """Stops a call after cfg.tick_steps steps or cfg.tick_minutes (None: no limit)."""
+    t0, steps = time.monotonic(), [0]
+
+    def hook(_record: dict) -> bool:
+        steps[0] += 1
+        if cfg.tick_steps is not None and steps[0] >= cfg.tick_steps:
+            return True
+        return cfg.tick_minutes is not None and time.monotonic() - t0 >= 60.0 * cfg.tick_minutes
+
+    return hook
+
+
 def train_sft(
     target,
     prompts: Sequence[str],
@@ -322,30 +363,49 @@ def train_sft(
     cache_dir: str | Path,
     cfg: SFTConfig | None = None,
     exchanges: Sequence[tuple[str, str]] | None = None,
+    *,
+    state_dir: Path | None = None,
+    served: Sequence[tuple[list[int], list[int]]] = (),
 ) -> SFTResult:
     """The whole bootstrap on a loaded service.runtime.Target: trajectories (+
     teacher-forced `exchanges`, by default cfg.num_exchanges from the ShareGPT
     train split) -> draft vocab -> TTT training -> eval -> checkpoint
-    `eagle3/v{N}`. Resumable."""
+    `eagle3/v{N}`. Resumable.
+
+    With `state_dir` (the worker's bootstrap, one call per beat tick): training
+    state lives there across calls, the draft vocabulary is the first call's,
+    `served` (prompt, completion) pairs join the pool with every earlier call's,
+    and one call trains at most cfg.tick_steps / cfg.tick_minutes; each call
+    writes its head as a checkpoint, and `SFTResult.finished` says whether the
+    whole budget is spent."""
     cfg = cfg or SFTConfig()
     torch.manual_seed(cfg.seed)
     model = target.model
     layers = head_layers(model, cfg)
     t0 = time.perf_counter()
     data, resp = prepare_data(target, prompts, cache_dir, cfg, exchanges)
+    if state_dir is not None:
+        data = _with_served(target, data, cache_dir, cfg, served)
     t_gen = time.perf_counter() - t0
-    d2t = build_draft_vocab(resp, data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size)
+    d2t = _saved_d2t(state_dir) if state_dir is not None else None
+    if d2t is None:
+        d2t = build_draft_vocab(resp, data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size)
     coverage = float(torch.isin(resp, d2t).float().mean()) if resp.numel() else 0.0
     log.info("draft vocab: %d ids, covering %.2f%% of the training trajectories' generated tokens", d2t.numel(), 100 * coverage)
     head = _new_head(model, d2t, layers, cfg.seed)
-    unkeyed = {k: None for k in ("eval_prompts", "save_every_s", "gen_minutes", "train_steps", "train_minutes", "train_tokens")}
-    run_key = digest([str(data.tokens.sum().item()), data.tokens.numel(), asdict(cfg) | unkeyed])  # a larger budget resumes
-    state_dir = Path(cache_dir) / "sft" / f"run-{run_key}"
+    ticking = state_dir is not None
+    if state_dir is None:
+        unkeyed = {k: None for k in ("eval_prompts", "save_every_s", "gen_minutes", "train_steps", "train_minutes", "train_tokens")}
+        keyed = {k: v for k, v in asdict(cfg).items() if k not in ("tick_minutes", "tick_steps")} | unkeyed
+        run_key = digest([str(data.tokens.sum().item()), data.tokens.numel(), keyed])  # a larger budget resumes
+        state_dir = Path(cache_dir) / "sft" / f"run-{run_key}"
     t1 = time.perf_counter()
-    history = train_head(head, data, cfg, state_dir)
+    history = train_head(head, data, cfg, state_dir, on_step=_slice_hook(cfg) if ticking else None)
+    finished = Spent(**json.loads((state_dir / "state.json").read_text())["spent"]).fraction(cfg) >= 1.0
     seconds = {"trajectories": round(t_gen, 1), "training": round(time.perf_counter() - t1, 1)}
     tau, per_pos = _heldout_tau(target, head, cfg)
     info = {"coverage": coverage, "tau": tau, "per_pos": per_pos, "seconds": seconds}
     path = _save(target, head, checkpoint_dir, data, resp, history, cfg, info)
-    shutil.rmtree(state_dir, ignore_errors=True)  # finished: a rerun trains afresh (trajectories stay cached)
-    return SFTResult(path, history, int(resp.numel()), tau)
+    if not ticking:
+        shutil.rmtree(state_dir, ignore_errors=True)  # finished: a rerun trains afresh (trajectories stay cached)
+    return SFTResult(path, history, int(resp.numel()), tau, finished)
