@@ -84,14 +84,20 @@ def resolve_thresholds(setting: str, seconds: Sequence[float] | None, num_slots:
     return [value] * max(num_slots, 1)
 
 
-def fastest_dtype(one_row_seconds: Mapping[str, float], margin: float = BF16_MARGIN) -> str:
-    """Rule: the dtype with the fastest one-row decode step; float32 (exact
-    against float32 references) wins unless another is faster by `margin`."""
-    best = min(one_row_seconds, key=lambda name: one_row_seconds[name])
-    base = one_row_seconds.get("float32")
-    if base is not None and best != "float32" and one_row_seconds[best] > base * (1.0 - margin):
-        return "float32"
-    return best
+def fastest_dtype(curves: Mapping[str, Sequence[float]], margin: float = BF16_MARGIN) -> str:
+    """Rule: float32 (exact against float32 references) unless another dtype is
+    faster by `margin` at every width of its verify-cost curve (1 .. K+1 rows),
+    then the one of those with the lowest mean cost. One row alone misleads: on
+    a CPU without bf16 instructions a one-row bf16 step is faster (half the
+    weight bytes) while a 5-row verify is 1.6x slower (docs/results.md)."""
+    base = curves.get("float32")
+    if base is None:
+        return min(curves, key=lambda name: statistics.fmean(curves[name]))
+    faster = [
+        name for name, curve in curves.items()
+        if name != "float32" and all(t <= b * (1.0 - margin) for t, b in zip(curve, base, strict=True))
+    ]  # fmt: skip
+    return min(faster, key=lambda name: statistics.fmean(curves[name])) if faster else "float32"
 
 
 # ---- measurement -------------------------------------------------------------

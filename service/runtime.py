@@ -101,8 +101,8 @@ def load_target(settings: Settings) -> Target:
 
 
 def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int) -> tuple[LlamaModel, dict]:
-    """DRAFTLOOP_DTYPE=auto on a CPU: float32 or bfloat16, whichever runs a
-    one-row decode step faster on this machine (costmodel.fastest_dtype), from
+    """DRAFTLOOP_DTYPE=auto on a CPU: bfloat16 where it runs every verify width
+    (1..rows) faster on this machine, else float32 (costmodel.fastest_dtype), from
     verify-cost curves measured once per machine and cached under cache_dir."""
     model = load_llama(path, dtype=torch.float32, device="cpu", max_len=max_len)
     curves = {"float32": costmodel.cached_curve(model, str(path), rows, cache_dir)}
@@ -113,8 +113,8 @@ def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int) ->
         half = copy.deepcopy(model).to(torch.bfloat16)
         cached = costmodel.cached_curve(half, str(path), rows, cache_dir)
     curves["bfloat16"] = cached
-    choice = costmodel.fastest_dtype({name: curve[0] for name, curve in curves.items()})
-    log.info("DRAFTLOOP_DTYPE=auto: %s (one-row step %s s)", choice, {n: c[0] for n, c in curves.items()})
+    choice = costmodel.fastest_dtype(curves)
+    log.info("DRAFTLOOP_DTYPE=auto: %s (verify cost of 1..%d rows: %s s)", choice, rows, curves)
     if choice == "bfloat16":
         model = half if half is not None else model.to(torch.bfloat16)
     return model, {"dtype_auto": {"choice": choice, "curves": curves}, "verify_seconds": curves[choice]}

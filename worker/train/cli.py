@@ -36,8 +36,9 @@ CONFIG_FLAGS: dict[str, tuple[str, str | None]] = {
     "--eval-prompts": ("eval_prompts", "held-out prompts for the τ evaluation (0: skip)"),
     "--eval-k": ("eval_k", None),
     "--hidden-layers": ("hidden_layers", "three target layers whose outputs the head reads, e.g. 1,14,26"),
+    "--init-layer": ("init_layer", "start the head's decoder layer from this target layer's weights (-1: the last; none: random)"),
 }
-_OPTIONAL = {"gen_minutes": float, "train_steps": int, "train_minutes": float, "train_tokens": int}  # "none" unsets
+_OPTIONAL = {"gen_minutes": float, "train_steps": int, "train_minutes": float, "train_tokens": int, "init_layer": int}  # "none" unsets
 
 
 def _flag_type(name: str, default):

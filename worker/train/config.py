@@ -94,6 +94,7 @@ class SFTConfig(_Validated):
     loss_on_prompt: bool = False  # distil at prompt anchors too (serving drafts from the reply only)
     fast_bf16: bool | None = None  # bf16 generation + autocast training; None: where bf16 matmuls are fast
     hidden_layers: tuple[int, ...] | None = None
+    init_layer: int | None = None  # the head's decoder layer starts as this target layer (-1: the last); None: random
     # Teacher-forced data (off by default): ShareGPT exchanges (prompt + its own
     # reply, cut at exchange_max_tokens) through one batched prefill each, with
     # the target's distributions as labels (EAGLE-1's data); all of it is prompt,

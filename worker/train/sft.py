@@ -249,10 +249,13 @@ def _training_data(target, prompts: Sequence[str], sft_dir: Path, layers: tuple[
     return data, resp
 
 
-def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int) -> Eagle3Head:  # d2t: (Vd,)
-    """A freshly initialised head over draft vocab `d2t` (Vd,), attached to `model`."""
+def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int, init_layer: int | None = None) -> Eagle3Head:
+    """A freshly initialised head over draft vocab `d2t` (Vd,), attached to `model`
+    (its decoder layer from target layer `init_layer`, None: random)."""
     head = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel(), layers))
     head.reset_parameters(torch.Generator().manual_seed(seed))
+    if init_layer is not None:
+        head.init_layer_from(model, init_layer)
     head.d2t.copy_(d2t)
     head.init_output_from(model).to(dtype=model.dtype).attach(model)
     return head
@@ -392,7 +395,7 @@ def train_sft(
         d2t = build_draft_vocab(resp, data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size)
     coverage = float(torch.isin(resp, d2t).float().mean()) if resp.numel() else 0.0
     log.info("draft vocab: %d ids, covering %.2f%% of the training trajectories' generated tokens", d2t.numel(), 100 * coverage)
-    head = _new_head(model, d2t, layers, cfg.seed)
+    head = _new_head(model, d2t, layers, cfg.seed, cfg.init_layer)
     ticking = state_dir is not None
     if state_dir is None:
         unkeyed = {k: None for k in ("eval_prompts", "save_every_s", "gen_minutes", "train_steps", "train_minutes", "train_tokens")}

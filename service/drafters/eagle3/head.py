@@ -115,6 +115,22 @@ class Eagle3Head(nn.Module):
                 self.fc.weight[:, 2 * d :] = torch.eye(d)
 
     @torch.no_grad()
+    def init_layer_from(self, model: LlamaModel, index: int = -1) -> Eagle3Head:
+        """The decoder layer := target layer `index`'s weights where the shapes
+        agree: the hidden half of q/k/v (the embedding half keeps its random
+        init), o_proj, the MLP, and the input / post-attention norms (an
+        SFT ablation, `SFTConfig.init_layer`)."""
+        layer, d = model.layers[index], self.cfg.hidden_size
+        attn = layer.self_attn
+        self.qkv_proj.weight[:, d:] = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach()
+        self.o_proj.weight.copy_(attn.o_proj.weight.detach())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(self.mlp, name).weight.copy_(getattr(layer.mlp, name).weight.detach())
+        self.hidden_norm.weight.copy_(layer.input_layernorm.weight.detach())
+        self.post_attention_norm.weight.copy_(layer.post_attention_layernorm.weight.detach())
+        return self
+
+    @torch.no_grad()
     def init_output_from(self, model: LlamaModel) -> Eagle3Head:
         """Final norm and LM head := the target's norm weight and its LM-head rows
         of `d2t` (a new head, or a format-1 checkpoint that had no copies)."""
