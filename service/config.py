@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default (service.modelstore)
@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     max_queue: int = 256
     max_body_bytes: int = 1_000_000
     admin_token: str | None = None
+    # API keys (service/api/auth.py): a comma list, or a file path (starts with / ./ ../ ~/),
+    # one key per line; unset or empty: no key needed. SecretStr: never in a repr or log.
+    api_keys: SecretStr | None = None
+    metrics_auth: Literal["open", "key"] = "open"  # /metrics without a key, or behind the API keys
 
     # self-improving loop
     redis_url: str = "redis://127.0.0.1:6379/0"
