@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     block_topk: int = 20
     block_queue_size: int = 10_000
     block_log: bool = True
+    # the per-request token context (prompt + emitted ids) beside the stream: kept this long;
+    # block_contexts=false stores none (no prompt retained; Draft-OPD then cannot replay any block)
+    block_context_ttl_s: int = Field(3600, ge=1)
+    block_contexts: bool = True
     opd_interval_s: float = 120.0
     opd_min_blocks: int = 256
     # JSON objects of trainer overrides (NoDecode: parsed by `_json_object`, so a bad

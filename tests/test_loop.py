@@ -49,9 +49,8 @@ from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
 from worker.update import GROUP
 
-from .conftest import ROOT, free_port, redis_or_skip, stop_process
+from .conftest import REDIS_HOST, ROOT, free_port, stop_process
 
-REDIS_HOST = "redis://127.0.0.1:6379"
 TINY_SFT = {
     "num_prompts": 4,
     "max_new_tokens": 16,
@@ -70,27 +69,6 @@ pytestmark = pytest.mark.slow
 
 
 # ---- fixtures and helpers ------------------------------------------------------------
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    """A Redis database no one else uses, claimed in db 0 and flushed afterwards."""
-    base = redis_or_skip(f"{REDIS_HOST}/0")
-    owner = uuid.uuid4().hex
-    for db in range(15, 0, -1):
-        claim = f"draftloop:test:db:{db}"
-        if base.set(claim, owner, nx=True, ex=1800):
-            client = redis.Redis.from_url(f"{REDIS_HOST}/{db}")
-            if client.dbsize() == 0:
-                try:
-                    yield f"{REDIS_HOST}/{db}"
-                finally:
-                    client.flushdb()
-                    if base.get(claim) == owner.encode():
-                        base.delete(claim)
-                return
-            base.delete(claim)
-    pytest.skip("no free Redis database")
 
 
 @dataclass
