@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # block_contexts=false stores none (no prompt retained; Draft-OPD then cannot replay any block)
     block_context_ttl_s: int = Field(3600, ge=1)
     block_contexts: bool = True
+    # live regression guard (service/guard.py): after a swap to a newer version, compare
+    # per-request served τ with the previous version's; roll the pointer back when worse
+    guard: bool = True
+    guard_window: int = Field(200, ge=2)  # requests of each version compared
+    guard_min_requests: int = Field(30, ge=2)  # before any verdict
+    guard_margin: float = Field(0.05, ge=0.0)  # τ drop tolerated, as a fraction of the old τ
+    guard_z: float = Field(3.0, gt=0.0)  # width of the confidence bound, in standard errors
+    guard_cooldown_s: int = Field(3600, ge=1)  # a rolled-back version cannot be published again before
     opd_interval_s: float = 120.0
     opd_min_blocks: int = 256
     # JSON objects of trainer overrides (NoDecode: parsed by `_json_object`, so a bad

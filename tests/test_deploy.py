@@ -657,6 +657,7 @@ def test_dashboard_has_the_loop_panels() -> None:
         assert some(f"histogram_quantile({q}", "draftloop_request_latency_seconds_bucket")
     assert some("draftloop_drafter_version")
     assert some("draftloop_drafter_reloads_total", "by (outcome)")
+    assert some("draftloop_drafter_rollbacks_total", "by (reason)")
     assert some("draftloop_block_records_dropped_total")
 
 
