@@ -15,10 +15,11 @@ se = sqrt(var(new)/n_new + var(old)/n_old) (Welch), roll back when even the
 upper confidence bound d + z·se is below -margin·mean(old), i.e. the new
 version is worse by more than the margin with confidence; stop watching
 (keep it) once the new sample has `window` requests without that; wait while
-either sample is below `min_requests`. A verdict is taken at every reloader
-tick, so z is high (3 by default) to keep repeated looks from rolling back a
-version that is not worse. Traffic that changes between the two windows moves
-τ too: the margin absorbs small shifts."""
+either sample is below `min_requests` (a previous version that served fewer
+than that before the swap is no baseline: the new one is kept after a window).
+A verdict is taken at every reloader tick, so z is high (3 by default) to keep
+repeated looks from rolling back a version that is not worse. Traffic that
+changes between the two windows moves τ too: the margin absorbs small shifts."""
 
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ def tau_verdict(
 ) -> Verdict:
     """Roll back, keep, or wait, from per-request served τ of the previous (`old`)
     and the new version (`new`); see the module docstring for the rule."""
+    if len(old) < min_requests and len(new) >= window:
+        served = f"the previous version served {len(old)} requests before the swap"
+        return Verdict("keep", f"no baseline: {served}")
     if len(old) < min_requests or len(new) < min_requests:
         counts = f"{len(old)} requests before the swap, {len(new)} after"
         return Verdict("wait", f"{counts}; need {min_requests} each")

@@ -268,25 +268,27 @@ class DrafterReloader:
         guard = self.guard
         if guard is None:
             return
-        watch, verdict = guard.watching, guard.verdict()
-        if watch is None or verdict is None or verdict.decision == "wait":
-            return
-        kind, new_version, old_version = watch.new[0], int(watch.new[1]), int(watch.old[1])
-        if verdict.decision == "keep":
-            log.info("regression guard: keeping %s v%d: %s", kind, new_version, verdict.reason)
+        with self._lock:  # not between an admin pin and its stop_watching
+            watch, verdict = guard.watching, guard.verdict()
+            if watch is None or verdict is None or verdict.decision == "wait":
+                return
+            kind, new_version, old_version = watch.new[0], int(watch.new[1]), int(watch.old[1])
+            if verdict.decision == "keep":
+                log.info("regression guard: keeping %s v%d: %s", kind, new_version, verdict.reason)
+                guard.stop_watching()
+                return
+            log.warning(
+                "regression guard: rolling back %s v%d to v%d: %s",
+                kind, new_version, old_version, verdict.reason,
+            )  # fmt: skip
+            moved = checkpoints.rollback_version(
+                self.redis, new_version, old_version, watch.old_path, self.settings.guard_cooldown_s,
+                kind=kind, namespace=self.namespace,
+            )  # fmt: skip
             guard.stop_watching()
-            return
-        log.warning(
-            "regression guard: rolling back %s v%d to v%d: %s", kind, new_version, old_version, verdict.reason
-        )
-        moved = checkpoints.rollback_version(
-            self.redis, new_version, old_version, watch.old_path, self.settings.guard_cooldown_s,
-            kind=kind, namespace=self.namespace,
-        )  # fmt: skip
-        guard.stop_watching()
-        if moved and self.metrics is not None:
-            self.metrics.drafter_rollbacks.labels(reason="tau_regression").inc()
-        self.check()  # follow the pointer back now (another server may have moved it first)
+            if moved and self.metrics is not None:
+                self.metrics.drafter_rollbacks.labels(reason="tau_regression").inc()
+            self.check()  # follow the pointer back now (another server may have moved it first)
 
     def _serving(self, kind: str, version: int) -> bool:
         serving = self.engine.drafter

@@ -44,7 +44,10 @@ def test_a_clear_drop_is_rolled_back() -> None:
 
 def test_too_few_requests_wait() -> None:
     assert tau_verdict([2.0] * 40, [1.0] * 9, **RULE).decision == "wait"
-    assert tau_verdict([2.0] * 9, [1.0] * 40, **RULE).decision == "wait"
+    assert tau_verdict([2.0] * 9, [1.0] * 39, **RULE).decision == "wait"
+    # a previous version that served too little before the swap is no baseline: kept after a window
+    no_baseline = tau_verdict([2.0] * 9, [1.0] * 40, **RULE)
+    assert no_baseline.decision == "keep" and "no baseline" in no_baseline.reason
 
 
 def test_equal_or_slightly_worse_is_kept_after_a_full_window() -> None:
