@@ -1,18 +1,20 @@
 """Steady chat traffic from the training split, so the loop has blocks to learn
 from and a new user can watch τ rise on /metrics.
 
-    python -m benchmarks.traffic [--url http://127.0.0.1:8000] [--rate 0.5] [--duration 600]
+    python -m benchmarks.traffic [--url http://127.0.0.1:8000] [--rate 0.5] [--duration 600] [--api-key KEY]
 
 Prompts come from the ShareGPT *training* split only (never the held-out split
 that evaluations use). Requests are sent at `--rate` per second by up to
 `--concurrency` threads, for at most `--duration` seconds or `--requests`
 requests; every `--report-every` seconds it prints τ read from the server's
-/metrics and the drafter version serving."""
+/metrics and the drafter version serving. `--api-key` (default: $OPENAI_API_KEY)
+is sent as `Authorization: Bearer` to a server with DRAFTLOOP_API_KEYS set."""
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import random
 import threading
 import time
@@ -27,8 +29,9 @@ from worker.prompts import chat_ids, sharegpt_prompts
 from service.runtime import local_model_dir
 
 
-def read_metrics(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def read_metrics(url: str, api_key: str) -> dict[str, float]:
+    # the key too, in case the server has DRAFTLOOP_METRICS_AUTH=key
+    text = httpx.get(f"{url}/metrics", timeout=10, headers={"Authorization": f"Bearer {api_key}"}).text
     values: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--report-every", type=float, default=30.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY", "unused"), help="one of DRAFTLOOP_API_KEYS")
     args = ap.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -63,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(local_model_dir(Settings().target_model, Settings()))
     prompts = list(sharegpt_prompts("train"))
     random.Random(args.seed).shuffle(prompts)
-    client = OpenAI(base_url=f"{args.url}/v1", api_key="unused", timeout=300, max_retries=0)
+    client = OpenAI(base_url=f"{args.url}/v1", api_key=args.api_key, timeout=300, max_retries=0)
     model = client.models.list().data[0].id
     ok = failed = 0
     lock = threading.Lock()
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"request failed: {exc}", flush=True)
 
     start = time.monotonic()
-    last_report, last_metrics = start, read_metrics(args.url)
+    last_report, last_metrics = start, read_metrics(args.url, args.api_key)
     with ThreadPoolExecutor(args.concurrency) as pool:
         for i, prompt in zip(range(args.requests), itertools.cycle(prompts)):
             now = time.monotonic()
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(0.05)
             pool.submit(one, prompt)
             if now - last_report >= args.report_every:
-                m = read_metrics(args.url)
+                m = read_metrics(args.url, args.api_key)
                 tau = tau_between(last_metrics, m)
                 print(
                     f"[{now - start:6.0f}s] sent {i + 1} ok {ok} failed {failed} "

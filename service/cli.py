@@ -76,6 +76,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .api.app import create_app
+    from .api.auth import APIKeyConfigError
 
     overrides = {field: v for field, *_ in SERVE_FLAGS.values() if (v := getattr(args, field)) is not None}
     try:
@@ -83,7 +84,11 @@ def serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         log.error("invalid setting: %s", exc)
         return 2
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except APIKeyConfigError as exc:  # its message names the setting, never a key
+        log.error("%s", exc)
+        return 2
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None)
     return 0
 

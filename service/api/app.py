@@ -26,6 +26,7 @@ from ..config import Settings, get_settings
 from ..reloader import DrafterReloader
 from ..runtime import ServerState, load_state
 from .admin import router as admin_router
+from .auth import APIKeyMiddleware, KeySet, load_api_keys
 from .completions import CompletionServiceDep
 from .deps import StateDep
 from .errors import APIError, install_error_handlers
@@ -163,6 +164,21 @@ def create_app(settings: Settings | None = None, runtime: ServerState | None = N
 
     app = FastAPI(title="draftloop", version=_version(), lifespan=lifespan)
     install_error_handlers(app, settings.max_body_bytes)
+    install_api_keys(app, settings)
     app.include_router(router)
     app.include_router(admin_router)  # drafter reload / rollback (service/api/admin.py)
     return app
+
+
+def install_api_keys(app: FastAPI, settings: Settings) -> None:
+    """The API-key check (service/api/auth.py), outermost: an unauthenticated
+    request is answered before its body is read. Raises APIKeyConfigError
+    when DRAFTLOOP_API_KEYS cannot be used."""
+    keys = load_api_keys(settings.api_keys)
+    if not keys:
+        if settings.host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("no DRAFTLOOP_API_KEYS on %s: anyone who reaches the port can use /v1", settings.host)
+        return
+    app.add_middleware(APIKeyMiddleware, keys=KeySet(keys), metrics_open=settings.metrics_auth == "open")
+    where = "open" if settings.metrics_auth == "open" else "behind the key"
+    log.info("API keys: %d configured; /v1/* needs Authorization: Bearer, /metrics %s", len(keys), where)

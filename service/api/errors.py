@@ -10,6 +10,7 @@
   status, OpenAI body.
 - `BodyLimitMiddleware`: 413 for a body over DRAFTLOOP_MAX_BODY_BYTES,
   checked before anything parses it.
+- 401 for a missing or wrong API key: `service.api.auth`, through `send_api_error`.
 - anything else is a server bug: 500, logged with its traceback, and no
   details leak to the client."""
 
@@ -158,10 +159,10 @@ class BodyLimitMiddleware:
             try:
                 size = int(declared)
             except ValueError:
-                await self._reply(send, APIError(400, "Invalid Content-Length header."))
+                await send_api_error(send, APIError(400, "Invalid Content-Length header."))
                 return
             if size > self.max_bytes:
-                await self._reply(send, self._too_large())
+                await send_api_error(send, self._too_large())
                 return
         chunks: list[bytes] = []
         size = 0
@@ -172,7 +173,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reply(send, self._too_large())
+                await send_api_error(send, self._too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -195,17 +196,21 @@ class BodyLimitMiddleware:
             code="request_too_large",
         )
 
-    @staticmethod
-    async def _reply(send: Send, exc: APIError) -> None:
-        payload = json.dumps(error_body(exc.message, exc.type, exc.param, exc.code)).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": exc.status_code,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+
+
+async def send_api_error(send: Send, exc: APIError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Answer an HTTP request with `exc` in the OpenAI format, from an ASGI
+    middleware (before any route or exception handler runs)."""
+    payload = json.dumps(error_body(exc.message, exc.type, exc.param, exc.code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status_code,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

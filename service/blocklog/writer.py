@@ -43,7 +43,12 @@ class BlockLogger:
     timeouts bound how long a hung Redis can hold the writer.
 
     `written` / `dropped` count block records; prompt records lost are in
-    `prompts_dropped` (they only cost the prefixes of that request)."""
+    `prompts_dropped` (they only cost the prefixes of that request).
+
+    Retention: the stream is capped near `maxlen` entries (XADD MAXLEN ~); a
+    request's token context (prompt, then emitted ids) expires `context_ttl_s`
+    after its last write. `store_contexts=False` writes block records only: no
+    prompt reaches Redis, and no block's prefix can be rebuilt from the log."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class BlockLogger:
         metrics: Metrics | None = None,
         *,
         context_ttl_s: int = 3600,
+        store_contexts: bool = True,
         batch_size: int = 256,
         socket_timeout_s: float = 1.0,
         backoff_s: tuple[float, float] = (0.5, 2.0),
@@ -63,6 +69,7 @@ class BlockLogger:
         self.maxlen = maxlen
         self.metrics = metrics
         self.context_ttl_s = context_ttl_s
+        self.store_contexts = store_contexts
         self.batch_size = batch_size
         self.backoff_s = backoff_s
         # no client-side retries: the writer has its own backoff and never waits for Redis twice
@@ -163,11 +170,14 @@ class BlockLogger:
         return out
 
     def _write(self, encoded: list[_Encoded]) -> None:
-        """One pipelined round trip (no MULTI: a partial batch is still useful)."""
+        """One pipelined round trip (no MULTI: a partial batch is still useful).
+        Without `store_contexts` only the stream entries: no prompt, no context key."""
         pipe = self._redis.pipeline(transaction=False)
         for rec, fields, offset, payload in encoded:
             if fields is not None:
                 pipe.xadd(self.stream, fields, maxlen=self.maxlen, approximate=True)
+            if not self.store_contexts:
+                continue
             key = context_key(self.stream, rec.request_id)
             pipe.setrange(key, offset, payload)
             pipe.expire(key, self.context_ttl_s)

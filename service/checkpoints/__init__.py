@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .pointer import (
     DEFAULT_NAMESPACE,
+    cooldown_key,
     decode_pointer,
     latest_key,
     pointer_key,
@@ -17,6 +18,7 @@ from .pointer import (
     publish_version,
     read_latest,
     read_pointer,
+    rollback_version,
     unpin,
     updates_channel,
 )
@@ -46,6 +48,7 @@ __all__ = [
     "MANIFEST_FILE",
     "CheckpointError",
     "Loaded",
+    "cooldown_key",
     "decode_pointer",
     "is_complete",
     "latest_key",
@@ -61,6 +64,7 @@ __all__ = [
     "read_pointer",
     "read_pointer_at_startup",
     "resolve_path",
+    "rollback_version",
     "save_version",
     "unpin",
     "updates_channel",

@@ -10,6 +10,9 @@ Redis (`ns` = namespace, default "draftloop"):
   changes (a wake-up: servers re-read the key, and also poll it)
 - key `{ns}:drafter:latest`: the newest automatically published version
   (same JSON, pinned false); "unpin" moves the pointer back to it
+- key `{ns}:drafter:cooldown:{kind}:{version}` (with a TTL): a version the
+  regression guard rolled back (`rollback_version`); until it expires, an
+  automatic publish of that version moves nothing
 
 Pinning: an operator pin (`pinned=True`) always moves the pointer. While the
 pointer is pinned, an automatic publish (`pinned=False`) only records itself in
@@ -35,8 +38,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NAMESPACE = "draftloop"
 
-# KEYS: pointer, latest, channel. ARGV: payload JSON, pinned ("1"/"0"), version.
-# Returns 1 when the pointer moved (and was published), 0 when it stayed.
+# KEYS: pointer, latest, channel, the version's cool-down key. ARGV: payload JSON,
+# pinned ("1"/"0"), version. Returns 1 when the pointer moved (and was published),
+# 0 when it stayed, 2 when the version is cooling down after a rollback (nothing recorded).
 _PUBLISH_LUA = """
 local version = tonumber(ARGV[3])
 if ARGV[2] == '1' then
@@ -44,6 +48,7 @@ if ARGV[2] == '1' then
   redis.call('PUBLISH', KEYS[3], ARGV[1])
   return 1
 end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 2 end
 local latest = redis.call('GET', KEYS[2])
 local ok, old = pcall(cjson.decode, latest or '')
 local old_version = ok and type(old) == 'table' and tonumber(old['version']) or nil
@@ -79,6 +84,22 @@ return raw
 """
 
 
+# KEYS: pointer, latest, channel, the bad version's cool-down key. ARGV: the bad
+# version, the payload JSON to go back to, cool-down seconds. Only while the pointer
+# still names the bad version, unpinned: 1 (moved back, announced); else 0.
+_ROLLBACK_LUA = """
+local ok, c = pcall(cjson.decode, redis.call('GET', KEYS[1]) or '')
+if not ok or type(c) ~= 'table' or c['pinned'] == true or tonumber(c['version']) ~= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[4], '1', 'EX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('PUBLISH', KEYS[3], ARGV[2])
+return 1
+"""
+
+
 def pointer_key(namespace: str = DEFAULT_NAMESPACE) -> str:
     """The key holding the pointer servers follow."""
     return f"{namespace}:drafter:current"
@@ -92,6 +113,11 @@ def latest_key(namespace: str = DEFAULT_NAMESPACE) -> str:
 def updates_channel(namespace: str = DEFAULT_NAMESPACE) -> str:
     """The pub/sub channel announcing each pointer change."""
     return f"{namespace}:drafter:updates"
+
+
+def cooldown_key(version: int, kind: str = DEFAULT_KIND, namespace: str = DEFAULT_NAMESPACE) -> str:
+    """The key that keeps a rolled-back version from being published again for a while."""
+    return f"{namespace}:drafter:cooldown:{kind}:{int(version)}"
 
 
 def pointer_payload(
@@ -127,13 +153,42 @@ def publish_version(
         raise FileNotFoundError(f"{path}: no {MANIFEST_FILE}; publish only a complete checkpoint directory")
     payload = json.dumps(pointer_payload(version, path, pinned, kind))
     keys = [pointer_key(namespace), latest_key(namespace), updates_channel(namespace)]
-    moved = bool(
-        redis.eval(_PUBLISH_LUA, len(keys), *keys, payload, "1" if pinned else "0", str(int(version)))
-    )
-    if moved:
+    keys.append(cooldown_key(version, kind, namespace))
+    args = (payload, "1" if pinned else "0", str(int(version)))
+    outcome = int(redis.eval(_PUBLISH_LUA, len(keys), *keys, *args))
+    if outcome == 1:
         log.info("drafter pointer -> %s v%d%s (%s)", kind, version, " (pinned)" if pinned else "", path)
+    elif outcome == 2:
+        log.warning("drafter %s v%d not published: it was rolled back and is cooling down", kind, version)
     else:
         log.info("drafter %s v%d recorded; the pointer stays (pinned or newer)", kind, version)
+    return outcome == 1
+
+
+def rollback_version(
+    redis: Redis,
+    bad_version: int,
+    to_version: int,
+    to_path: str | Path,
+    cooldown_s: int,
+    kind: str = DEFAULT_KIND,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> bool:
+    """Move the pointer from `bad_version` back to `to_version` (unpinned; `latest`
+    too, so an unpin does not bring the bad one back) and keep `bad_version` from
+    being published automatically for `cooldown_s` seconds. Atomic, and a no-op
+    unless the pointer still names `bad_version` unpinned (another server rolled
+    back first, an operator pinned, or a newer version arrived). Returns whether it moved."""
+    payload = json.dumps(pointer_payload(to_version, to_path, False, kind))
+    keys = [pointer_key(namespace), latest_key(namespace), updates_channel(namespace)]
+    keys.append(cooldown_key(bad_version, kind, namespace))
+    args = (str(int(bad_version)), payload, str(int(cooldown_s)))
+    moved = bool(redis.eval(_ROLLBACK_LUA, len(keys), *keys, *args))
+    if moved:
+        log.warning(
+            "drafter pointer rolled back %s v%d -> v%d; v%d cools down for %d s",
+            kind, bad_version, to_version, bad_version, cooldown_s,
+        )  # fmt: skip
     return moved
 
 
