@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # auto (CPU: the faster of float32 and bfloat16 here, measured once and cached; CUDA: bfloat16)
     # | float32 | bfloat16 | float16
     dtype: str = "auto"
+    # CPU float32: prepack the target's linear weights for oneDNN (service/packed.py;
+    # multi-row verify passes cost far less); false: plain F.linear (MKL)
+    pack_weights: bool = True
     max_model_len: int = 2048
 
     # speculative decoding

@@ -142,9 +142,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def curve_key(model_id: str, dtype: torch.dtype, device: torch.device, max_rows: int, context: int) -> dict:
+def curve_key(
+    model_id: str, dtype: torch.dtype, device: torch.device, max_rows: int, context: int, packed: bool = False
+) -> dict:
     """What a cached curve is valid for."""
     return {
+        "packed": packed,
         "model": model_id,
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -180,7 +183,9 @@ def cached_curve(
     context: int = DEFAULT_CONTEXT,
 ) -> list[float]:
     """The curve of `model` from the cache, measured and stored on a miss."""
-    key = curve_key(model_id, model.dtype, model.device, max_rows, context)
+    from .packed import is_packed
+
+    key = curve_key(model_id, model.dtype, model.device, max_rows, context, is_packed(model))
     found = read_curve(cache_dir, key)
     if found is not None:
         return found

@@ -27,6 +27,7 @@ from .drafters.none import NoDrafter
 from .blocklog.record import BlockObservation
 from .engine import Engine
 from .llama import LlamaModel, load_llama
+from .packed import pack_linears
 from .metrics import Metrics
 from .modelstore import resolve_model
 
@@ -80,9 +81,11 @@ def load_target(settings: Settings) -> Target:
     device = pick_device(settings.device)
     max_len, rows = settings.max_model_len + 64, settings.num_speculative_tokens + 1
     if settings.dtype == "auto" and device.type == "cpu":
-        model, cost = load_fastest_on_cpu(path, settings.cache_dir, max_len, rows)
+        model, cost = load_fastest_on_cpu(path, settings.cache_dir, max_len, rows, settings.pack_weights)
     else:
         model = load_llama(path, dtype=pick_dtype(settings.dtype, device), device=device, max_len=max_len)
+        if settings.pack_weights:
+            pack_linears(model)
         cost = {"verify_seconds": costmodel.cached_curve(model, str(path), rows, settings.cache_dir)}
     thresholds = costmodel.resolve_thresholds(
         settings.min_confidence, cost["verify_seconds"], settings.num_speculative_tokens
@@ -100,11 +103,13 @@ def load_target(settings: Settings) -> Target:
     return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost)
 
 
-def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int) -> tuple[LlamaModel, dict]:
+def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int, pack: bool = True) -> tuple[LlamaModel, dict]:
     """DRAFTLOOP_DTYPE=auto on a CPU: bfloat16 where it runs every verify width
     (1..rows) faster on this machine, else float32 (costmodel.fastest_dtype), from
     verify-cost curves measured once per machine and cached under cache_dir."""
     model = load_llama(path, dtype=torch.float32, device="cpu", max_len=max_len)
+    if pack:
+        pack_linears(model)
     curves = {"float32": costmodel.cached_curve(model, str(path), rows, cache_dir)}
     key = costmodel.curve_key(str(path), torch.bfloat16, model.device, rows, costmodel.DEFAULT_CONTEXT)
     half: LlamaModel | None = None

@@ -1,0 +1,82 @@
+"""Linear layers on weights prepacked once for oneDNN, for float32 on a CPU.
+
+Why: MKL's sgemm repacks the weight matrix on every call of more than one
+row, so a verify pass of K+1 rows paid for a repack of every weight it
+touched -- on a 2-core AVX2 EPYC a 5-row forward of the default model cost
+114 ms against 57 ms for one row. The prepacked oneDNN kernel skips that
+(80 ms for 5 rows, 55 ms for one; `benchmarks.forward_cost`), and it computes
+each row the same whatever the row count, where MKL's results differ in the
+last bits between a one-row and a many-row call.
+
+`pack_linears(model)` swaps every `nn.Linear` of the target for a
+`PackedLinear` that keeps its `weight` Parameter (shared tensors such as a
+tied LM head stay shared) and falls back to `F.linear` wherever the packed
+kernel does not apply: other dtypes or devices, autograd, or after `.to()`
+moved the weight (the packing follows `_apply`)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def packing_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _pack(weight: Tensor) -> Tensor | None:
+    """The oneDNN layout of a float32 CPU weight (None: the plain path applies)."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_meta or not packing_available():
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+class PackedLinear(nn.Module):
+    """`nn.Linear` (no bias) whose float32 CPU forward uses a prepacked weight."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight  # (out, in), shared with the module it replaces
+        self.out_features, self.in_features = weight.shape
+        self._packed = _pack(weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        packed = self._packed
+        if packed is None or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight)
+        lead = x.shape[:-1]
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), packed, None, "none", [], "")
+        return out.view(*lead, self.out_features)
+
+    def _apply(self, fn, recurse: bool = True):  # .to() / .float() / .cuda(): repack or drop
+        super()._apply(fn, recurse)
+        self._packed = _pack(self.weight)
+        return self
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:  # the opaque packed tensor cannot be copied
+        return PackedLinear(copy.deepcopy(self.weight, memo))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self._packed is not None}"
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every bias-free `nn.Linear` under `model` with a `PackedLinear` on
+    the same weight, where the weight is float32 on a CPU -> how many were packed."""
+    if not packing_available():
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            weight = child.weight if type(child) is nn.Linear and child.bias is None else None
+            if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+                setattr(parent, name, PackedLinear(child.weight))
+                swapped += 1
+    return swapped
+
+
+def is_packed(model: nn.Module) -> bool:
+    return any(isinstance(m, PackedLinear) and m._packed is not None for m in model.modules())
