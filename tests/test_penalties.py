@@ -18,6 +18,7 @@ from service.engine import Engine
 from service.penalties import Penalties, apply_penalties, prefix_counts
 from service.sampling import SamplingParams, rejection_verify, target_probs
 
+from .test_lossless_greedy import _hybrid
 from .test_sampling import _chi2_ok
 
 
@@ -140,11 +141,19 @@ def _naive_check(target, prompt: list[int], out: list[int], pen: Penalties) -> N
     assert penalised.argmax(-1).tolist() == out
 
 
-@pytest.mark.parametrize("kind", ["ngram", "draft_model"])
+def _drafter(target, kind: str):
+    if kind == "ngram":
+        return NgramDrafter()
+    if kind == "draft_model":
+        return DraftModelDrafter(target.model, num_layers=4)
+    return _hybrid(target, min_match=1)  # lookup + an untrained eagle3 head drafting every slot
+
+
+@pytest.mark.parametrize("kind", ["ngram", "draft_model", "hybrid"])
 def test_greedy_speculative_equals_target_only_with_penalties(target, kind):
     prompts = _prompts(target)
     plain = Engine(target.model, NoDrafter(), target.eos_token_ids, 0)
-    drafter = NgramDrafter() if kind == "ngram" else DraftModelDrafter(target.model, num_layers=4)
+    drafter = _drafter(target, kind)
     spec = Engine(target.model, drafter, target.eos_token_ids, 4)
     changed = False
     for pen in PENALTIES:
@@ -152,18 +161,19 @@ def test_greedy_speculative_equals_target_only_with_penalties(target, kind):
         for prompt in prompts:
             want = plain.generate(prompt, params)
             assert spec.generate(prompt, params) == want
-            changed |= want != plain.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16))
-            if kind == "ngram":
+            if kind == "ngram":  # the reference itself, once
                 _naive_check(target, prompt, want, pen)
-    assert changed  # the penalties changed some output
+                changed |= want != plain.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16))
+    assert changed or kind != "ngram"  # the penalties changed some output
     assert spec.stats.num_accepted_tokens > 0  # rows after accepted drafts were checked
 
 
-def test_logit_bias_plus_100_forces_the_token(target):
+@pytest.mark.parametrize("kind", ["ngram", "hybrid"])
+def test_logit_bias_plus_100_forces_the_token(target, kind):
     prompt = _prompts(target)[2]
     forced = 1000
     pen = Penalties(bias_ids=(forced,), bias_values=(100.0,))
-    engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4)
+    engine = Engine(target.model, _drafter(target, kind), target.eos_token_ids, 4)
     for temperature in (0.0, 1.0):
         params = SamplingParams(temperature=temperature, max_tokens=6, seed=0, penalties=pen)
         assert engine.generate(prompt, params) == [forced] * 6
