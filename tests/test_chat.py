@@ -13,6 +13,7 @@ import pytest
 
 MODEL = "smollm2-135m-instruct"
 USER = [{"role": "user", "content": "Name three primary colors."}]
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,24 @@ def test_chat_uses_the_models_chat_template(client: openai.OpenAI, hf_tokenizer)
     assert choice.message.content and choice.finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens == len(ids) == raw.usage.prompt_tokens
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colors."}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Name three "}, {"type": "text", "text": "primary colors."}],
+        }
+    ]
     assert chat(client, parts).choices[0].message.content == choice.message.content
     system = [{"role": "system", "content": "Answer in French."}, *USER]
-    assert chat(client, system).usage.prompt_tokens != r.usage.prompt_tokens  # replaces the default system turn
+    # a system message replaces the template's default system turn
+    assert chat(client, system).usage.prompt_tokens != r.usage.prompt_tokens
 
 
 def test_multi_turn_and_max_tokens(client: openai.OpenAI) -> None:
-    turns = [*USER, {"role": "assistant", "content": "Red, blue and yellow."}, {"role": "user", "content": "And secondary?"}]
+    turns = [
+        *USER,
+        {"role": "assistant", "content": "Red, blue and yellow."},
+        {"role": "user", "content": "And secondary?"},
+    ]
     r = chat(client, turns, max_tokens=5, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
     legacy = client.chat.completions.create(
@@ -138,7 +149,9 @@ def test_logit_bias_forces_a_token_on_both_endpoints(client: openai.OpenAI, hf_t
     bias = {str(token): 100}
     r = chat(client, max_tokens=4, logit_bias=bias, extra_body={"ignore_eos": True})
     assert r.choices[0].message.content == hf_tokenizer.decode([token] * 4)
-    sampled = client.completions.create(model=MODEL, prompt="Sky:", max_tokens=4, temperature=1.0, seed=0, logit_bias=bias)
+    sampled = client.completions.create(
+        model=MODEL, prompt="Sky:", max_tokens=4, temperature=1.0, seed=0, logit_bias=bias
+    )
     assert sampled.choices[0].text == hf_tokenizer.decode([token] * 4)
 
 
@@ -148,10 +161,9 @@ def test_penalties_change_greedy_output(client: openai.OpenAI) -> None:
     penalised = chat(client, prompt, max_tokens=12, presence_penalty=2.0, frequency_penalty=2.0)
     assert penalised.choices[0].message.content != plain
     assert penalised.choices[0].message.content.count("7") < plain.count("7")
-    both = client.completions.create(
-        model=MODEL, prompt="7 7 7 7 7 7 7", max_tokens=8, temperature=0, frequency_penalty=2.0, presence_penalty=-0.5
-    )
-    assert both.choices[0].text != client.completions.create(model=MODEL, prompt="7 7 7 7 7 7 7", max_tokens=8, temperature=0).choices[0].text
+    sevens = {"model": MODEL, "prompt": "7 7 7 7 7 7 7", "max_tokens": 8, "temperature": 0}
+    both = client.completions.create(**sevens, frequency_penalty=2.0, presence_penalty=-0.5)
+    assert both.choices[0].text != client.completions.create(**sevens).choices[0].text
 
 
 # ---- errors ---------------------------------------------------------------------------
@@ -161,7 +173,7 @@ BAD_CHATS = [
     ({}, "messages"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
     ({"messages": [{"role": "tool", "content": "hi", "tool_call_id": "x"}]}, "messages"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [IMAGE]}]}, "messages"),
     ({"messages": [{"role": "user", "content": 5}]}, "messages"),
     ({"messages": USER, "logit_bias": {"99999999": 5}}, "logit_bias"),
     ({"messages": USER, "logit_bias": {"abc": 5}}, "logit_bias"),
@@ -196,7 +208,6 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 
 def test_image_part_refused_through_the_client(client: openai.OpenAI) -> None:
-    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [image]}])
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [IMAGE]}])
     assert "image_url" in exc.value.body["message"]

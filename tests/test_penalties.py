@@ -80,7 +80,9 @@ def test_penalised_rejection_sampling_follows_the_penalised_target():
     pen = Penalties(presence=0.6, frequency=0.9, bias_ids=(4,), bias_values=(0.8,))
     params = SamplingParams(temperature=0.9, penalties=pen)
     history = [1, 1, 3]
-    target = torch.log(torch.tensor([[0.3, 0.3, 0.1, 0.2, 0.1], [0.1, 0.4, 0.3, 0.1, 0.1], [0.2] * 5]))  # (3, V)
+    target = torch.log(
+        torch.tensor([[0.3, 0.3, 0.1, 0.2, 0.1], [0.1, 0.4, 0.3, 0.1, 0.1], [0.2] * 5])
+    )  # (3, V)
     draft = torch.log(torch.tensor([[0.1, 0.5, 0.1, 0.2, 0.1], [0.3, 0.1, 0.1, 0.4, 0.1]]))  # (2, V)
 
     def p(row: int, seen: list[int]) -> torch.Tensor:  # (V,) the penalised target after `seen`
@@ -95,7 +97,9 @@ def test_penalised_rejection_sampling_follows_the_penalised_target():
             qs.append(q)
             drafted.append(int(torch.multinomial(q, 1, generator=gen)))
         scores = apply_penalties(target, history, drafted, pen)  # as Engine.step
-        accepted, nxt = rejection_verify(torch.tensor(drafted), torch.stack(qs), target_probs(scores, params), gen)
+        accepted, nxt = rejection_verify(
+            torch.tensor(drafted), torch.stack(qs), target_probs(scores, params), gen
+        )
         out = [*drafted[:accepted], nxt]
         if len(out) < 2:  # the next step (K = 0) samples the second token, counting the first
             out.append(int(torch.multinomial(p(1, out), 1, generator=gen)))
@@ -103,7 +107,9 @@ def test_penalised_rejection_sampling_follows_the_penalised_target():
     expected = torch.stack([p(0, [])[a] * p(1, [a]) for a in range(v)]).flatten()  # (V * V,)
     assert _chi2_ok(joint.flatten(), expected) < 51.2  # 24 dof, 0.1%
     plain = SamplingParams(temperature=0.9)
-    unpenalised = torch.outer(target_probs(target[:1], plain)[0], target_probs(target[1:2], plain)[0]).flatten()
+    unpenalised = torch.outer(
+        target_probs(target[:1], plain)[0], target_probs(target[1:2], plain)[0]
+    ).flatten()
     assert _chi2_ok(joint.flatten(), unpenalised) > 500  # the penalties really changed the law
 
 

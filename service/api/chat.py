@@ -33,8 +33,17 @@ from .chat_protocol import (
 from .deps import StateDep
 from .detokenize import token_bytes
 from .errors import APIError
-from .generation import ChoiceDelta, ChoiceJob, ChoiceText, GenerationService, PromptInput, TokenLogprob
-from .generation import sampling_params, sse_stream, usage
+from .generation import (
+    ChoiceDelta,
+    ChoiceJob,
+    ChoiceText,
+    GenerationService,
+    PromptInput,
+    TokenLogprob,
+    sampling_params,
+    sse_stream,
+    usage,
+)
 
 
 @dataclass
@@ -68,7 +77,9 @@ class ChatService(GenerationService):
                 conversation, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except (ValueError, jinja2.TemplateError) as exc:  # no template, or the template refuses the messages
-            raise APIError(400, f"The chat template cannot render these messages: {exc}", param="messages") from exc
+            raise APIError(
+                400, f"The chat template cannot render these messages: {exc}", param="messages"
+            ) from exc
         return PromptInput(list(ids), "")
 
     # ---- generation -------------------------------------------------------------
@@ -104,7 +115,9 @@ class ChatService(GenerationService):
         request_id = _new_id()
         return sse_stream(self._chunks(req, chat, request_id), request_id)
 
-    async def _chunks(self, req: ChatCompletionRequest, chat: ChatPrompt, request_id: str) -> AsyncIterator[str]:
+    async def _chunks(
+        self, req: ChatCompletionRequest, chat: ChatPrompt, request_id: str
+    ) -> AsyncIterator[str]:
         head = self._head(request_id, int(time.time()))
 
         def chunk(index: int, delta: ChatDelta, **fields) -> str:
@@ -118,7 +131,9 @@ class ChatService(GenerationService):
             async for delta in deltas:
                 completion_tokens += delta.num_tokens
                 if delta.text or delta.logprobs:
-                    yield chunk(delta.index, ChatDelta(content=delta.text), logprobs=self._chunk_logprobs(req, delta))
+                    yield chunk(
+                        delta.index, ChatDelta(content=delta.text), logprobs=self._chunk_logprobs(req, delta)
+                    )
                 if delta.finish_reason is not None:
                     yield chunk(delta.index, ChatDelta(), finish_reason=delta.finish_reason)
         if req.include_usage:

@@ -102,7 +102,9 @@ class CompletionService(GenerationService):
         request_id = _new_id()
         return sse_stream(self._chunks(req, prompts, request_id), request_id)
 
-    async def _chunks(self, req: CompletionRequest, prompts: list[PromptInput], request_id: str) -> AsyncIterator[str]:
+    async def _chunks(
+        self, req: CompletionRequest, prompts: list[PromptInput], request_id: str
+    ) -> AsyncIterator[str]:
         head = {
             "id": request_id,
             "created": int(time.time()),
@@ -145,7 +147,9 @@ class CompletionService(GenerationService):
         for t in tokens:
             out.tokens.append(self._token_str(t.token_id))
             out.token_logprobs.append(t.logprob)
-            out.top_logprobs.append(None if t.top is None else {self._token_str(i): v for i, v in t.top.items()})
+            out.top_logprobs.append(
+                None if t.top is None else {self._token_str(i): v for i, v in t.top.items()}
+            )
             out.text_offset.append(t.offset)
         return out
 

@@ -17,7 +17,8 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from ..async_engine import EngineOverloaded
 from ..engine import StepOutput
@@ -67,25 +68,28 @@ class ChoiceJob:
     request_id: str
 
 
-@dataclass
 class ChoiceText:
     """One choice's text, stop strings and token log-probs, fed engine
     outputs in order. `echo`: the prompt is returned first (completions)."""
 
-    index: int
-    prompt: PromptInput
-    tokenizer: object
-    stop: list[str]
-    want_logprobs: bool
-    echo: bool = False
-    started: bool = False
-    detok: IncrementalDetokenizer = field(init=False)
-    text: StopStringText = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.detok = IncrementalDetokenizer(self.tokenizer, self.prompt.ids)
-        self.text = StopStringText(self.stop)
-        self.base_offset = len(self.prompt.text) if self.echo else 0  # offset of the generated text
+    def __init__(
+        self,
+        index: int,
+        prompt: PromptInput,
+        tokenizer: Any,
+        stop: list[str],
+        want_logprobs: bool,
+        echo: bool = False,
+    ):
+        self.index = index
+        self.prompt = prompt
+        self.tokenizer = tokenizer
+        self.want_logprobs = want_logprobs
+        self.echo = echo
+        self.detok = IncrementalDetokenizer(tokenizer, prompt.ids)
+        self.text = StopStringText(stop)
+        self.base_offset = len(prompt.text) if echo else 0  # text offset of the generated text
+        self.started = False
 
     def consume(self, out: StepOutput) -> ChoiceDelta:
         logprobs: list[TokenLogprob] | None = [] if self.want_logprobs else None
@@ -118,7 +122,7 @@ class ChoiceText:
         entries, offset = [], 0
         for token, value, top in zip(ids, values, tops):
             entries.append(TokenLogprob(token, value, top, offset))
-            offset += len(self.tokenizer.decode([token]))  # type: ignore[attr-defined]
+            offset += len(self.tokenizer.decode([token]))
         return entries
 
 
