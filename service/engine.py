@@ -26,6 +26,7 @@ from .blocklog.record import BlockObservation
 from .drafters.base import Drafter, Proposal
 from .llama import KVCache, LlamaModel
 from .metrics import Metrics, SpecDecodeStats
+from .penalties import apply_penalties
 from .sampling import SamplingParams, greedy_verify, make_generator, rejection_verify, target_probs
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,11 @@ class Sequence:
     @property
     def remaining(self) -> int:
         return self.params.max_tokens - self.num_generated
+
+    @property
+    def output_ids(self) -> list[int]:
+        """The tokens emitted so far (what presence / frequency penalties count)."""
+        return self.tokens[len(self.prompt_ids) :]
 
 
 @dataclass
@@ -172,11 +178,14 @@ class Engine:
         logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)  # logits: (K+1, V)
         t_verified = time.perf_counter()
         draft_ids = ids[1:]  # (K,)
+        scores = logits  # (K+1, V); logprobs and the block log keep the model's own
+        if params.penalties is not None:  # row i counts the emitted tokens and drafted[:i]
+            scores = apply_penalties(logits, seq.output_ids, drafted, params.penalties)
         if params.greedy:
-            num_accepted, next_token = greedy_verify(draft_ids, logits)
+            num_accepted, next_token = greedy_verify(draft_ids, scores)
         else:
             num_accepted, next_token = rejection_verify(
-                draft_ids, proposal.probs, target_probs(logits, params), seq.gen
+                draft_ids, proposal.probs, target_probs(scores, params), seq.gen
             )
         cache.rollback(cached_len + 1 + num_accepted)
         self.stats.observe_draft(len(drafted), num_accepted)
@@ -198,6 +207,9 @@ class Engine:
         params: SamplingParams,
         gen: torch.Generator,
     ) -> int:
+        """The first token (nothing generated yet: only a logit bias applies)."""
+        if params.penalties is not None:
+            logits = apply_penalties(logits, [], [], params.penalties)
         if params.greedy:
             return int(logits[0].argmax())
         return int(torch.multinomial(target_probs(logits, params)[0], 1, generator=gen))

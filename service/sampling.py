@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .penalties import Penalties
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -17,9 +19,11 @@ class SamplingParams:
     top_k: int = 0  # 0 or -1: off
     max_tokens: int = 16
     seed: int | None = None
-    logprobs: int | None = None  # how many top alternatives to return per token (0-5); None: none
+    logprobs: int | None = None  # top alternatives per token (completions 0-5, chat 0-20); None: none
     echo: bool = False
     ignore_eos: bool = False
+    # presence / frequency penalties and logit bias (service/penalties.py); None: off, no extra work
+    penalties: Penalties | None = None
 
     @property
     def greedy(self) -> bool:

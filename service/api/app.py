@@ -1,7 +1,8 @@
 """The FastAPI application: lifespan (load target and drafter, start the
 engine thread) and thin routes.
 
-    POST /v1/completions   OpenAI legacy completions (JSON or SSE)
+    POST /v1/completions       OpenAI legacy completions (JSON or SSE)
+    POST /v1/chat/completions  OpenAI chat completions, through the model's chat template
     GET  /v1/models        the served model
     GET  /health           200 once the model is loaded; JSON with the drafter
                            and the engine's own acceptance statistics (τ)
@@ -27,6 +28,8 @@ from ..reloader import DrafterReloader
 from ..runtime import ServerState, load_state
 from .admin import router as admin_router
 from .auth import APIKeyMiddleware, KeySet, load_api_keys
+from .chat import ChatServiceDep
+from .chat_protocol import ChatCompletionRequest, ChatCompletionResponse
 from .completions import CompletionServiceDep
 from .deps import StateDep
 from .errors import APIError, install_error_handlers
@@ -56,6 +59,19 @@ async def create_completion(
     if body.stream:
         return StreamingResponse(service.stream(body, prompts), media_type="text/event-stream")
     result = await until_disconnect(request, service.create(body, prompts))
+    if result is None:  # the client left; its sequences were cancelled
+        return Response(status_code=499)
+    return result
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, service: ChatServiceDep
+) -> ChatCompletionResponse | Response:
+    chat = await service.prepare(body)
+    if body.stream:
+        return StreamingResponse(service.stream(body, chat), media_type="text/event-stream")
+    result = await until_disconnect(request, service.create(body, chat))
     if result is None:  # the client left; its sequences were cancelled
         return Response(status_code=499)
     return result

@@ -6,10 +6,11 @@ character split across tokens) until the next token completes it.
 `StopStringText` accumulates that text, finds the earliest stop string as soon
 as it is complete, cuts the text before it, and while streaming holds back the
 last (longest stop string - 1) characters, which might begin a stop string, so
-stop text is never sent."""
+stop text is never sent. `token_bytes`: the bytes of one token (chat logprobs)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 # prompt tokens decoded with the first generated ones, so that e.g. a leading
@@ -73,3 +74,30 @@ class StopStringText:
         out = self.text[self.sent : end]
         self.sent = end
         return out
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> list[int]:
+    """The UTF-8 bytes a token stands for (OpenAI's `bytes` in chat logprobs):
+    exact for byte-level BPE tokenizers, whose tokens may hold part of a
+    character; otherwise the bytes of the token's decoded text."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+        table = _byte_level_decoder()
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if all(ch in table for ch in piece):
+            return [table[ch] for ch in piece]
+    return list(tokenizer.decode([token_id]).encode("utf-8"))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..llama import LlamaModel
+from ..penalties import apply_penalties
 from ..sampling import SamplingParams, target_probs
 from .base import Drafter, Proposal
 
@@ -30,12 +31,16 @@ class DraftModelDrafter(Drafter):
         feed = torch.tensor(seq.tokens[cache.length :], dtype=torch.long, device=self.model.device)
         drafted: list[int] = []
         dists, logps = [], []
+        history = seq.output_ids if params.penalties is not None else []
         for i in range(k):
             logits, _, _ = self.model(feed, cache, num_layers=self.num_layers, last_only=True)
+            scores = logits[-1:]  # (1, V)
+            if params.penalties is not None:  # as the target's row at this slot will be penalised
+                scores = apply_penalties(scores, [*history, *drafted], [], params.penalties)
             if params.greedy:
-                tok = logits[-1].argmax()
+                tok = scores[0].argmax()
             else:
-                q = target_probs(logits[-1:], params)  # (1, V)
+                q = target_probs(scores, params)  # (1, V)
                 tok = torch.multinomial(q[0], 1, generator=gen)[0]
                 dists.append(q[0])
                 logps.append(q[0, tok])

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ...costmodel import threshold_at
 from ...llama import LlamaModel
+from ...penalties import apply_penalties
 from ...sampling import SamplingParams, target_probs
 from ..base import Drafter, Proposal
 from .head import Eagle3Head
@@ -148,15 +149,23 @@ class Eagle3Drafter(Drafter):
         ids: Tensor,  # (Vd + n_ctx,) int64 draft index -> target id
         params: SamplingParams,
         gen: torch.Generator,
+        history: list[int] | None,  # with penalties: the tokens generated before this slot
     ) -> _Pick:
         """The next draft token: argmax when greedy, else a sample from the
-        request's transform of the draft distribution over the target vocab."""
-        if params.greedy:
+        request's transform of the draft distribution over the target vocab.
+        Penalties and logit bias apply here as to the target's row at this slot."""
+        if params.greedy and history is None:
             idx = logits[0].argmax()
             logp = logits[0, idx] - torch.logsumexp(logits[0], dim=-1)
             return _Pick(ids[idx], logp, float(logp.exp()), None)
         full = logits.new_full((1, self.vocab_size), float("-inf"))
         full[0, ids] = logits[0]
+        if history is not None and params.penalties is not None:
+            full = apply_penalties(full, history, [], params.penalties)  # (1, V)
+        if params.greedy:
+            token = full[0].argmax()
+            logp = torch.log_softmax(full[0].float(), dim=-1)[token]
+            return _Pick(token, logp, float(logp.exp()), None)
         q = target_probs(full, params)  # (1, V): the request's transform, over the target vocab
         confidence = float(q[0].max())  # decided before sampling: the draft length stays a function of q
         token = torch.multinomial(q[0], 1, generator=gen)[0]
@@ -190,12 +199,13 @@ class Eagle3Drafter(Drafter):
         logps: list[Tensor] = []
         dists: list[Tensor] = []
         chain = prior  # the head's own estimate that every token drafted so far is accepted
+        history = [*seq.output_ids, *after] if params.penalties is not None else None
         for i in range(k):
             normed = self.head.norm(hidden)  # (1, d)
             logits = self.head.lm_head(normed)  # (1, Vd)
             if state.n_ctx:  # context ids: the target's LM-head rows on the head's normed hidden
                 logits = torch.cat([logits, F.linear(normed, ctx_rows)], dim=-1)  # (1, Vd + n_ctx)
-            pick = self._pick(logits, ids, params, gen)
+            pick = self._pick(logits, ids, params, gen, None if history is None else history + drafted)
             chain *= pick.confidence
             if (i or after) and chain < self.stop_threshold(len(after) + i):
                 break  # dynamic draft length: a likely rejection is not worth a longer verify pass
