@@ -221,6 +221,7 @@ def test_import_hub_id_unreachable_is_a_clear_error(monkeypatch):
         fetch_source("no/such/folder")
 
 
+@pytest.mark.slow  # decodes with both drafters
 def test_import_command_gates_before_publishing(exported, target, settings, tmp_path):
     """The import goes through the publish gate against the serving drafter on a
     throwaway Redis: a random head loses to prompt lookup, so it is saved,
