@@ -34,7 +34,9 @@ from worker.prompts import chat_ids, sharegpt_prompts
 log = logging.getLogger("benchmarks.export_cost")
 
 
-def greedy_tau(target: Target, drafter: eagle3.Eagle3Drafter, prompts: list[list[int]], k: int, max_new: int) -> dict:
+def greedy_tau(
+    target: Target, drafter: eagle3.Eagle3Drafter, prompts: list[list[int]], k: int, max_new: int
+) -> dict:
     """τ (tokens per verify step) per request and pooled over all steps, and the outputs."""
     per_request, outs, accepted, drafts = [], [], 0, 0
     for ids in prompts:
@@ -50,7 +52,9 @@ def greedy_tau(target: Target, drafter: eagle3.Eagle3Drafter, prompts: list[list
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", type=Path, required=True, help="an eagle3 version directory (…/eagle3/vN)")
+    ap.add_argument(
+        "--checkpoint", type=Path, required=True, help="an eagle3 version directory (…/eagle3/vN)"
+    )
     ap.add_argument("--format", dest="fmt", default="speculators", choices=("speculators", "sglang"))
     ap.add_argument("--num-prompts", type=int, default=10)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -68,10 +72,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prompts = [chat_ids(target.tokenizer, t) for t in sharegpt_prompts("heldout", limit=args.num_prompts)]
     variants = {
         "native": eagle3.Eagle3Drafter(head, target.model, context_vocab=True, min_confidence=0.0),
-        "native_no_context_vocab": eagle3.Eagle3Drafter(head, target.model, context_vocab=False, min_confidence=0.0),
-        f"exported_{args.fmt}_imported": eagle3.Eagle3Drafter(imported, target.model, context_vocab=False, min_confidence=0.0),
+        "native_no_context_vocab": eagle3.Eagle3Drafter(
+            head, target.model, context_vocab=False, min_confidence=0.0
+        ),
+        f"exported_{args.fmt}_imported": eagle3.Eagle3Drafter(
+            imported, target.model, context_vocab=False, min_confidence=0.0
+        ),
     }
-    rows = {name: greedy_tau(target, d, prompts, args.num_speculative_tokens, args.max_new_tokens) for name, d in variants.items()}
+    rows = {
+        name: greedy_tau(target, d, prompts, args.num_speculative_tokens, args.max_new_tokens)
+        for name, d in variants.items()
+    }
     outs = {name: row.pop("outputs") for name, row in rows.items()}
     result = {
         "checkpoint": str(args.checkpoint),
@@ -84,10 +95,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "draft_vocab_size": head.cfg.draft_vocab_size,
         "results": rows,
         "greedy_outputs_identical": len({json.dumps(o) for o in outs.values()}) == 1,
-        "imported_drafts_as_native_without_context_vocab": rows[f"exported_{args.fmt}_imported"]["tau_per_request"]
+        "imported_drafts_as_native_without_context_vocab": rows[f"exported_{args.fmt}_imported"][
+            "tau_per_request"
+        ]
         == rows["native_no_context_vocab"]["tau_per_request"],
-        "export_cost_tau": round(rows["native"]["tau_mean_per_request"]
-                                 - rows[f"exported_{args.fmt}_imported"]["tau_mean_per_request"], 4),  # fmt: skip
+        "export_cost_tau": round(
+            rows["native"]["tau_mean_per_request"]
+            - rows[f"exported_{args.fmt}_imported"]["tau_mean_per_request"],
+            4,
+        ),  # fmt: skip
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

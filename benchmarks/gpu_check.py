@@ -70,7 +70,9 @@ def chi2(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -
 def drafters(target: Target, settings: Settings) -> dict[str, Drafter]:
     """The drafters to check: the served kinds, eagle3 from the newest checkpoint
     (or an untrained head that always drafts K tokens)."""
-    newest = checkpoints.load_newest(settings.checkpoint_dir, lambda path: registry.load("eagle3", path, target))
+    newest = checkpoints.load_newest(
+        settings.checkpoint_dir, lambda path: registry.load("eagle3", path, target)
+    )
     if newest is not None:
         head = newest.value
     else:
@@ -83,11 +85,15 @@ def drafters(target: Target, settings: Settings) -> dict[str, Drafter]:
         "ngram": NgramDrafter(settings.ngram_max, settings.ngram_min),
         "draft_model": DraftModelDrafter(target.model, settings.draft_model_layers),
         "eagle3": head,
-        "hybrid": HybridDrafter(head, NgramDrafter(settings.ngram_max, settings.ngram_min), settings.hybrid_min_match),
+        "hybrid": HybridDrafter(
+            head, NgramDrafter(settings.ngram_max, settings.ngram_min), settings.hybrid_min_match
+        ),
     }
 
 
-def greedy_check(target: Target, kinds: dict[str, Drafter], prompts: list[list[int]], k: int, max_new: int) -> dict:
+def greedy_check(
+    target: Target, kinds: dict[str, Drafter], prompts: list[list[int]], k: int, max_new: int
+) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=max_new)
 
     def run(drafter: Drafter, kk: int) -> list[list[int]]:
@@ -99,7 +105,11 @@ def greedy_check(target: Target, kinds: dict[str, Drafter], prompts: list[list[i
     for name, drafter in kinds.items():
         outs = run(drafter, k)
         gaps = divergence_gaps(target.model, prompts, outs, ref) if outs != ref else []
-        rows[name] = {**agreement(outs, ref), "divergence_logit_gaps": gaps, "ok": all(g <= TIE_GAP for g in gaps)}
+        rows[name] = {
+            **agreement(outs, ref),
+            "divergence_logit_gaps": gaps,
+            "ok": all(g <= TIE_GAP for g in gaps),
+        }
     return rows
 
 
@@ -114,14 +124,21 @@ def rejection_check(device: torch.device, trials: int) -> dict:
         n, nxt = rejection_verify(draft, q1.unsqueeze(0), p, gen)
         counts[int(draft[0]) if n else nxt] += 1
     stat, dof = chi2(counts, p1.cpu())
-    return {"trials": trials, "chi2": round(stat, 2), "critical_0.1%": round(chi2_critical(dof), 2), "ok": stat < chi2_critical(dof)}
+    return {
+        "trials": trials,
+        "chi2": round(stat, 2),
+        "critical_0.1%": round(chi2_critical(dof), 2),
+        "ok": stat < chi2_critical(dof),
+    }
 
 
 def sampled_check(target: Target, drafter: Drafter, prompt: list[int], k: int, runs: int) -> dict:
     engine = Engine(target.model, drafter, target.eos_token_ids, k)
     pairs = []
     for seed in range(runs):
-        out = engine.generate(prompt, SamplingParams(temperature=1.0, max_tokens=3, seed=seed, ignore_eos=True))
+        out = engine.generate(
+            prompt, SamplingParams(temperature=1.0, max_tokens=3, seed=seed, ignore_eos=True)
+        )
         pairs.append((out[0], out[1]))
     first, _ = Counter(a for a, _ in pairs).most_common(1)[0]
     seconds = [b for a, b in pairs if a == first]
@@ -162,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         "rejection_sampling": rejection_check(target.model.device, args.rejection_trials),
         "sampled": sampled_check(target, kinds["eagle3"], prompts[0], k, args.sampled_runs),
     }
-    ok = all(r["ok"] for r in result["greedy"].values()) and result["rejection_sampling"]["ok"] and result["sampled"]["ok"]
+    ok = (
+        all(r["ok"] for r in result["greedy"].values())
+        and result["rejection_sampling"]["ok"]
+        and result["sampled"]["ok"]
+    )
     result["ok"] = ok
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -73,17 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     # its own parser (worker.train.cli) reads the rest of the command line, --help included
     sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.train.cli)", add_help=False)
     _add_export_parser(sub)
-    sub.add_parser("import-drafter", help="import a speculators/SGLang EAGLE-3 head (worker.importer)", add_help=False)
+    imp_help = "import a speculators/SGLang EAGLE-3 head (worker.importer)"
+    sub.add_parser("import-drafter", help=imp_help, add_help=False)
     return parser
 
 
 def _add_export_parser(sub) -> None:
     exp = sub.add_parser("export-drafter", help="write an eagle3 version in the speculators (vLLM) or SGLang format")
-    exp.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create (must not exist, or be empty)")
+    exp.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create (absent or empty)")
     exp.add_argument("--format", dest="fmt", required=True, choices=("speculators", "sglang"))
     exp.add_argument("--version", type=int, default=None, help="eagle3 version (default: the newest on disk)")
-    exp.add_argument("--verifier", default=None, help="target name written for the engine (default: the target's hub id)")
-    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as stored")
+    exp.add_argument("--verifier", default=None, help="the target's name for the engine (default: its hub id)")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as saved")
     exp.add_argument("--checkpoint-dir", default=None, help="default: DRAFTLOOP_CHECKPOINT_DIR")
     exp.add_argument("--num-speculative-tokens", type=int, default=None, help="K written for the engine")
     exp.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
@@ -115,8 +116,8 @@ def fetch_model(args: argparse.Namespace) -> int:
 
 
 def export_drafter(args: argparse.Namespace) -> int:
-    from .drafters.eagle3.formats import FormatError
     from .checkpoints.store import CheckpointError
+    from .drafters.eagle3.formats import FormatError
     from .export import export_drafter as run
 
     fields = {"checkpoint_dir": args.checkpoint_dir, "num_speculative_tokens": args.num_speculative_tokens}

@@ -56,7 +56,9 @@ def target_config(name: str, settings: Settings) -> dict[str, Any]:
 
         return json.loads(Path(hf_hub_download(name, "config.json")).read_text())
     except Exception as exc:  # offline, unknown id, gated repo: one message
-        raise FileNotFoundError(f"cannot read the config.json of target {name!r} ({exc}); pass a local folder") from None
+        raise FileNotFoundError(
+            f"cannot read the config.json of target {name!r} ({exc}); pass a local folder"
+        ) from None
 
 
 def default_verifier(target_model: str) -> str:
@@ -64,7 +66,9 @@ def default_verifier(target_model: str) -> str:
     return EMBEDDED_HUB_ID if target_model == DEFAULT_MODEL else target_model
 
 
-def readme(fmt: str, out_dir: Path, verifier: str, k: int, cfg: Eagle3Config, provenance: dict[str, Any]) -> str:
+def readme(
+    fmt: str, out_dir: Path, verifier: str, k: int, cfg: Eagle3Config, provenance: dict[str, Any]
+) -> str:
     """How to launch an engine with the folder, and what the export does not carry."""
     spec = json.dumps({"model": str(out_dir), "method": "eagle3", "num_speculative_tokens": k})
     launch = {
@@ -86,10 +90,10 @@ def readme(fmt: str, out_dir: Path, verifier: str, k: int, cfg: Eagle3Config, pr
         if provenance["target_model"] == DEFAULT_MODEL
         else ""
     )
-    return f"""# draftloop eagle3 v{provenance['version']}, {fmt} format
+    return f"""# draftloop eagle3 v{provenance["version"]}, {fmt} format
 
-Exported by `draftloop export-drafter --format {fmt}` from {provenance['checkpoint']}
-(weights sha256 {provenance['weights_sha256'][:16]}...), for target `{verifier}`.
+Exported by `draftloop export-drafter --format {fmt}` from {provenance["checkpoint"]}
+(weights sha256 {provenance["weights_sha256"][:16]}...), for target `{verifier}`.
 
 ## Launch
 
@@ -152,7 +156,9 @@ def export_drafter(
     tcfg = target_config(manifest["target_model"], settings)
     verifier = verifier or default_verifier(manifest["target_model"])
     cast = DTYPES[dtype] if dtype else state["fc.weight"].dtype
-    tensors = {k: (v.to(cast) if v.is_floating_point() else v) for k, v in export_tensors(state, cfg, fmt).items()}
+    tensors = {
+        k: (v.to(cast) if v.is_floating_point() else v) for k, v in export_tensors(state, cfg, fmt).items()
+    }
     provenance = {
         "version": manifest["version"],
         "checkpoint": str(path),

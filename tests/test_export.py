@@ -146,11 +146,17 @@ def test_export_writes_the_format(exported, fmt):
     folder: Path = exported[fmt]
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["norm_before_residual"] is False and config["fc_norm"] is True and config["norm_output"] is False
+    assert (
+        config["norm_before_residual"] is False
+        and config["fc_norm"] is True
+        and config["norm_output"] is False
+    )
     if fmt == "speculators":
         assert config["speculators_model_type"] == "eagle3"
         assert config["eagle_aux_hidden_state_layer_ids"] == [3, 16, 28]  # our (2, 15, 27), vLLM's convention
-        assert config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert (
+            config["speculators_config"]["verifier"]["name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
         assert config["transformer_layer_config"]["num_hidden_layers"] == 1
     else:
         assert config["architectures"] == ["LlamaForCausalLMEagle3"]
@@ -182,7 +188,10 @@ def test_cli_export_and_refusals(exported, tmp_path, monkeypatch):
     monkeypatch.setenv("DRAFTLOOP_CHECKPOINT_DIR", str(exported["settings"].checkpoint_dir))
     monkeypatch.setenv("DRAFTLOOP_CACHE_DIR", str(exported["settings"].cache_dir))
     out = tmp_path / "sg"
-    assert cli_main(["export-drafter", "--format", "sglang", "--version", "1", "--dtype", "bfloat16", str(out)]) == 0
+    assert (
+        cli_main(["export-drafter", "--format", "sglang", "--version", "1", "--dtype", "bfloat16", str(out)])
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert cli_main(["export-drafter", "--format", "sglang", str(out)]) == 2  # not empty: refused
     assert cli_main(["export-drafter", "--format", "sglang", "--version", "9", str(tmp_path / "x")]) == 2

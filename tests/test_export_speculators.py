@@ -40,7 +40,7 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not _speculators_available(),
-        reason=f"no speculators environment at {SPEC_PYTHON} (make venv-spec, or set DRAFTLOOP_SPECULATORS_PYTHON)",
+        reason=f"no speculators environment at {SPEC_PYTHON} (make venv-spec; DRAFTLOOP_SPECULATORS_PYTHON)",
     ),
 ]
 
@@ -51,13 +51,21 @@ def test_speculators_eagle3_gives_our_draft_logits(target, settings, tmp_path):
     eagle3.save_checkpoint(head, tmp_path / "ck", target.model_id)
     local = settings.model_copy(update={"checkpoint_dir": tmp_path / "ck"})
     # the verifier is the local target folder, so speculators loads the same embedding offline
-    folder = export_drafter(local, "speculators", tmp_path / "head", verifier=str(target.path), dtype="float32")
+    folder = export_drafter(
+        local, "speculators", tmp_path / "head", verifier=str(target.path), dtype="float32"
+    )
     head.attach(target.model)
-    ids = torch.tensor(target.tokenizer.encode("Speculative decoding drafts a few tokens, and the target checks"))
+    ids = torch.tensor(
+        target.tokenizer.encode("Speculative decoding drafts a few tokens, and the target checks")
+    )
     _, _, taps = target.model(ids, target.model.new_cache(64), hidden_layers=cfg.hidden_layers, logits=False)
     features = torch.cat(taps, dim=-1).unsqueeze(0)  # (1, T, 3d)
-    next_ids = torch.cat([ids[1:], ids.new_zeros(1)]).unsqueeze(0)  # the token after each position, 0 past the end
-    save_file({"hidden_states": features.contiguous(), "input_ids": next_ids.contiguous()}, str(tmp_path / "in.st"))
+    next_ids = torch.cat([ids[1:], ids.new_zeros(1)]).unsqueeze(
+        0
+    )  # the token after each position, 0 past the end
+    save_file(
+        {"hidden_states": features.contiguous(), "input_ids": next_ids.contiguous()}, str(tmp_path / "in.st")
+    )
     run = [str(SPEC_PYTHON), str(ROOT / "tests" / "speculators_logits.py"), str(folder),
            str(tmp_path / "in.st"), str(tmp_path / "out.st"), str(STEPS)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

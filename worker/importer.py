@@ -63,7 +63,9 @@ def _check_embedding(tensors: dict[str, torch.Tensor], target: Target) -> None:
         return
     own = target.model.embed_tokens.weight.detach().float().cpu()
     if emb.shape != own.shape or not torch.allclose(emb.float(), own, atol=EMBED_ATOL, rtol=1e-2):
-        raise FormatError("the head ships its own token embedding, not the target's; ours shares the target's")
+        raise FormatError(
+            "the head ships its own token embedding, not the target's; ours shares the target's"
+        )
 
 
 def convert(src_dir: Path, target: Target) -> tuple[eagle3.Eagle3Head, dict[str, Any]]:
@@ -89,7 +91,9 @@ def convert(src_dir: Path, target: Target) -> tuple[eagle3.Eagle3Head, dict[str,
     return head.attach(target.model), info
 
 
-def publish_imported(settings: Settings, target: Target, head: eagle3.Eagle3Head, info: dict[str, Any]) -> dict[str, Any]:
+def publish_imported(
+    settings: Settings, target: Target, head: eagle3.Eagle3Head, info: dict[str, Any]
+) -> dict[str, Any]:
     """Save the head as the next version, gate it, publish it if the gate passes
     -> the run's report (also written to the reports folder)."""
     import redis
@@ -107,17 +111,37 @@ def publish_imported(settings: Settings, target: Target, head: eagle3.Eagle3Head
     with training_lock(r, LOCK_NAME, timeout_s=LOCK_TTL_S, renew_every_s=LOCK_RENEW_S) as acquired:
         if not acquired:
             raise ImportFailed("an update holds the training lock; import again when it has finished")
-        path = eagle3.save_checkpoint(head, settings.checkpoint_dir, target.model_id, extra={"imported_from": info})
+        path = eagle3.save_checkpoint(
+            head, settings.checkpoint_dir, target.model_id, extra={"imported_from": info}
+        )
         version = int(path.name.removeprefix("v"))
         staged = stage(path, Path(settings.checkpoint_dir))
         gate = publish_decision(r, settings, target, head, [], opd_config(settings))
-        report: dict[str, Any] = {"kind": "import", "imported_from": info, "target_model": target.model_id,
-                                  "gate": gate.as_dict(), "tau_before": gate.incumbent_tau, "tau_after": gate.candidate_tau}  # fmt: skip
+        report: dict[str, Any] = {
+            "kind": "import",
+            "imported_from": info,
+            "target_model": target.model_id,
+            "gate": gate.as_dict(),
+            "tau_before": gate.incumbent_tau,
+            "tau_after": gate.candidate_tau,
+        }
         if gate.publish:
             moved = checkpoints.publish_version(r, version, unstage(staged, path))
-            report.update(status="published", published=True, pointer_moved=moved, new_version=version, checkpoint=str(path))
+            report.update(
+                status="published",
+                published=True,
+                pointer_moved=moved,
+                new_version=version,
+                checkpoint=str(path),
+            )
         else:
-            report.update(status="not_published", published=False, pointer_moved=False, new_version=None, checkpoint=str(staged))
+            report.update(
+                status="not_published",
+                published=False,
+                pointer_moved=False,
+                new_version=None,
+                checkpoint=str(staged),
+            )
         report["duration_s"] = round(time.perf_counter() - t0, 2)
         write_report(Path(settings.checkpoint_dir), version, report)
     log.info("import of %s: %s (%s)", info["source"], report["status"], gate.reason)
@@ -127,10 +151,12 @@ def publish_imported(settings: Settings, target: Target, head: eagle3.Eagle3Head
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="draftloop import-drafter",
-        description="Import an EAGLE-3 head in the speculators (vLLM) or SGLang/SpecForge format as a new eagle3 "
-        "version; it is published only if the publish gate finds it better than the serving drafter.",
+        description="Import an EAGLE-3 head in the speculators (vLLM) or SGLang/SpecForge format as a new "
+        "eagle3 version; it is published only if the publish gate finds it better than the serving drafter.",
     )
-    p.add_argument("src", metavar="SRC", help="a local folder (config.json + *.safetensors), or a hub id owner/name")
+    p.add_argument(
+        "src", metavar="SRC", help="a local folder (config.json + *.safetensors), or a hub id owner/name"
+    )
     p.add_argument("--checkpoint-dir", type=Path, help="default: DRAFTLOOP_CHECKPOINT_DIR")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (the gate decodes)")
     return p

@@ -45,7 +45,9 @@ from ...llama import LlamaConfig
 from .config import Eagle3Config
 
 FORMATS = ("speculators", "sglang")
-SPECULATORS_VERSION = "0.9.0"  # the release the export was verified against (tests/test_export_speculators.py)
+SPECULATORS_VERSION = (
+    "0.9.0"  # the release the export was verified against (tests/test_export_speculators.py)
+)
 LAYER = {"speculators": "layers.0.", "sglang": "midlayer."}
 ARCHITECTURES = {"speculators": ["Eagle3DraftModel"], "sglang": ["LlamaForCausalLMEagle3"]}
 
@@ -99,7 +101,9 @@ def layer_ids_in(ids: Sequence[int] | None, fmt: str, num_layers: int) -> tuple[
     if fmt == "sglang":
         return tuple(int(i) for i in ids)
     if min(ids) < 1:
-        raise FormatError(f"aux layer id 0 is the embedding output (ids {list(ids)}); the head reads layer outputs only")
+        raise FormatError(
+            f"aux layer id 0 is the embedding output (ids {list(ids)}); the head reads layer outputs only"
+        )
     return tuple(int(i) - 1 for i in ids)
 
 
@@ -147,7 +151,9 @@ def import_tensors(tensors: dict[str, Tensor], cfg: Eagle3Config) -> dict[str, T
     qkv = [_name(n, "speculators") for n in _QKV]
     unknown = sorted(k for k in found if k not in wanted and k not in qkv and k not in _OTHER)
     if unknown:
-        raise FormatError(f"tensors our head has no place for: {unknown[:6]} (more layers, biases or another design)")
+        raise FormatError(
+            f"tensors our head has no place for: {unknown[:6]} (more layers, biases or another design)"
+        )
     state: dict[str, Tensor] = {}
     for theirs, ours in wanted.items():
         if theirs in found:
@@ -215,7 +221,12 @@ def export_config(
 ) -> dict[str, Any]:
     """The format's config.json for our head (norm flags explicit)."""
     ids = layer_ids_out(cfg.hidden_layers, fmt, cfg.target_num_layers)
-    flags = {"norm_before_residual": False, "norm_before_fc": False, "fc_norm": cfg.fc_norm, "norm_output": False}
+    flags = {
+        "norm_before_residual": False,
+        "norm_before_fc": False,
+        "fc_norm": cfg.fc_norm,
+        "norm_output": False,
+    }
     common = {"draft_vocab_size": cfg.draft_vocab_size, "target_hidden_size": cfg.hidden_size, **flags}
     if fmt == "sglang":
         return {
@@ -253,7 +264,9 @@ def detect_format(config: dict[str, Any]) -> str:
         return "speculators"
     if "draft_vocab_size" in config and config.get("num_hidden_layers") is not None:
         return "sglang"
-    raise FormatError("config.json is neither a speculators eagle3 config nor an SGLang/SpecForge eagle3 config")
+    raise FormatError(
+        "config.json is neither a speculators eagle3 config nor an SGLang/SpecForge eagle3 config"
+    )
 
 
 def _refusals(layer: dict[str, Any], flags: dict[str, Any], tcfg: LlamaConfig) -> list[str]:
@@ -284,7 +297,10 @@ def _refusals(layer: dict[str, Any], flags: dict[str, Any], tcfg: LlamaConfig) -
         "intermediate_size": (layer.get("intermediate_size"), tcfg.intermediate_size),
         "num_attention_heads": (heads, tcfg.num_heads),
         "num_key_value_heads": (layer.get("num_key_value_heads", heads), tcfg.num_kv_heads),
-        "head_dim": (layer.get("head_dim") or (layer.get("hidden_size") or 0) // max(heads or 1, 1), tcfg.head_dim),
+        "head_dim": (
+            layer.get("head_dim") or (layer.get("hidden_size") or 0) // max(heads or 1, 1),
+            tcfg.head_dim,
+        ),
     }
     bad += [f"{k} {got} (the target's is {want})" for k, (got, want) in shape.items() if got != want]
     return bad
