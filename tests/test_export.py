@@ -265,3 +265,35 @@ def test_config_dataclass_reads_old_manifests():
     cfg = eagle3.Eagle3Config.for_target(TINY, draft_vocab_size=24)
     old = {k: v for k, v in cfg.to_dict().items() if k != "fc_norm"}
     assert eagle3.Eagle3Config.from_dict(old) == dataclasses.replace(cfg, fc_norm=True)
+
+
+def test_a_plain_eagle3_head_imports_saves_loads_and_serves(target, tmp_path):
+    """A head without per-tap norms (plain EAGLE-3, `fc_norm` false) in the SGLang
+    layout: imported, saved as a version, loaded by the serving loader, and
+    decoding with it stays lossless."""
+    from safetensors.torch import save_file
+
+    from service.drafters.none import NoDrafter
+    from service.engine import Engine
+    from service.sampling import SamplingParams
+
+    cfg = eagle3.Eagle3Config.for_target(target.model.cfg, draft_vocab_size=512, fc_norm=False)
+    head = random_head(cfg, seed=3)
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    save_file(formats.export_tensors(head.state_dict(), cfg, "sglang"), str(folder / "model.safetensors"))
+    config = formats.export_config(cfg, "sglang", 4, "x", [], 8192, "float32", {})
+    (folder / "config.json").write_text(json.dumps(config))
+    imported, info = convert(folder, target)
+    assert info["fc_norm"] is False and not any(k.startswith("feature_norms") for k in imported.state_dict())
+    path = eagle3.save_checkpoint(imported, tmp_path / "ck", target.model_id)
+    drafter = eagle3.load_checkpoint(path, target)
+    for key, value in head.state_dict().items():
+        assert torch.equal(drafter.head.state_dict()[key], value), key
+    prompt = target.tokenizer.encode("Name three rivers in Europe and say where they flow.")
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = Engine(target.model, NoDrafter(), target.eos_token_ids, 0).generate(prompt, greedy)
+    drafter.min_confidence, drafter.stop_thresholds = 0.0, ()
+    engine = Engine(target.model, drafter, target.eos_token_ids, 4)
+    assert engine.generate(prompt, greedy) == want
+    assert engine.stats.num_draft_tokens > 0
