@@ -31,6 +31,7 @@ speculators `models/eagle3/{config,core,model_definitions}.py`, vLLM
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -325,8 +326,7 @@ def import_config(config: dict[str, Any], tcfg: LlamaConfig) -> tuple[str, Eagle
         cfg = Eagle3Config.for_target(tcfg, vd, layers, fc_norm=bool(config.get("fc_norm", False)))
     except ValueError as exc:
         raise FormatError(f"layer ids {ids} ({fmt}) -> taps {list(layers)}: {exc}") from None
-    eps = layer.get("rms_norm_eps", cfg.rms_norm_eps)
-    return fmt, Eagle3Config(**{**cfg.to_dict(), "hidden_layers": cfg.hidden_layers, "rms_norm_eps": eps})
+    return fmt, dataclasses.replace(cfg, rms_norm_eps=layer.get("rms_norm_eps", cfg.rms_norm_eps))
 
 
 def read_folder(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
