@@ -1,6 +1,6 @@
 """Speculative decoding speedup, side by side in one process.
 
-    python -m benchmarks.speedup --out results/speedup.json [--prompts FILE.jsonl] [--dtypes float32,bfloat16]
+    python -m benchmarks.speedup --out results/speedup.json [--prompts FILE.jsonl] [--dtypes float32,bfloat16] [--device cuda]
 
 Greedy decoding of held-out prompts (or any JSONL of {"prompt": ...}) with:
 target-only decoding, each drafter kind (eagle3 when a checkpoint exists), and
@@ -236,10 +236,11 @@ def main(argv: list[str] | None = None) -> None:
         "(default on CPU: float32,bfloat16; else the DRAFTLOOP_DTYPE setting)",
     )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() rows")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: DRAFTLOOP_DEVICE, auto: CUDA if present)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
-    settings = Settings()
+    settings = Settings(**({"device": args.device} if args.device else {}))
     dtypes = [d for d in (args.dtypes or "").split(",") if d] or (
         ["float32", "bfloat16"] if pick_device(settings.device).type == "cpu" else [settings.dtype]
     )

@@ -4,6 +4,8 @@
     draftloop fetch-model
     draftloop up                      (Redis if needed + server + Celery worker + beat)
     draftloop train-sft [ARGS...]     (worker.train.cli, see `draftloop train-sft --help`)
+    draftloop export-drafter --format speculators|sglang [--version N] OUT_DIR
+    draftloop import-drafter SRC      (worker.importer, see `draftloop import-drafter --help`)
 
 Flags override the DRAFTLOOP_* environment (see service.config). Heavy
 imports (torch, transformers, uvicorn) happen inside the commands, so
@@ -17,6 +19,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -69,7 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     # its own parser (worker.train.cli) reads the rest of the command line, --help included
     sub.add_parser("train-sft", help="train the SFT bootstrap drafter (worker.train.cli)", add_help=False)
+    _add_export_parser(sub)
+    imp_help = "import a speculators/SGLang EAGLE-3 head (worker.importer)"
+    sub.add_parser("import-drafter", help=imp_help, add_help=False)
     return parser
+
+
+def _add_export_parser(sub) -> None:
+    exp = sub.add_parser("export-drafter", help="write an eagle3 version in the speculators (vLLM) or SGLang format")
+    exp.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create (absent or empty)")
+    exp.add_argument("--format", dest="fmt", required=True, choices=("speculators", "sglang"))
+    exp.add_argument("--version", type=int, default=None, help="eagle3 version (default: the newest on disk)")
+    exp.add_argument("--verifier", default=None, help="the target's name for the engine (default: its hub id)")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"), help="default: as saved")
+    exp.add_argument("--checkpoint-dir", default=None, help="default: DRAFTLOOP_CHECKPOINT_DIR")
+    exp.add_argument("--num-speculative-tokens", type=int, default=None, help="K written for the engine")
+    exp.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS)
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -102,23 +120,40 @@ def fetch_model(args: argparse.Namespace) -> int:
     return 0
 
 
-TRAIN_SFT_MODULE = "worker.train.cli"
+def export_drafter(args: argparse.Namespace) -> int:
+    from .checkpoints.store import CheckpointError
+    from .drafters.eagle3.formats import FormatError
+    from .export import export_drafter as run
 
-
-def train_sft(argv: list[str]) -> int:
-    """Run the worker's trainer in a child interpreter (the server side imports
-    nothing of worker/) -> its exit status."""
-    if importlib.util.find_spec("worker") is None:
-        log.error("`draftloop train-sft` needs %s, which is not installed in this checkout", TRAIN_SFT_MODULE)
+    fields = {"checkpoint_dir": args.checkpoint_dir, "num_speculative_tokens": args.num_speculative_tokens}
+    settings = Settings(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        out = run(settings, args.fmt, args.out_dir, args.version, args.verifier, args.dtype)
+    except (FormatError, CheckpointError, FileNotFoundError, FileExistsError) as exc:
+        log.error("export-drafter: %s", exc)
         return 2
-    return subprocess.call([sys.executable, "-m", TRAIN_SFT_MODULE, *argv])
+    print(out)  # the command's result, for scripts
+    return 0
+
+
+WORKER_COMMANDS = {"train-sft": "worker.train.cli", "import-drafter": "worker.importer"}
+
+
+def hand_over(command: str, argv: list[str]) -> int:
+    """Run a worker command in a child interpreter (the server side imports
+    nothing of worker/) -> its exit status."""
+    module = WORKER_COMMANDS[command]
+    if importlib.util.find_spec("worker") is None:
+        log.error("`draftloop %s` needs %s, which is not installed in this checkout", command, module)
+        return 2
+    return subprocess.call([sys.executable, "-m", module, *argv])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     configure_logging(args.log_level)
-    if args.command == "train-sft":
-        return train_sft(rest)
+    if args.command in WORKER_COMMANDS:
+        return hand_over(args.command, rest)
     if rest:
         build_parser().error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
@@ -127,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .stack import up
 
         return up(Settings())
+    if args.command == "export-drafter":
+        return export_drafter(args)
     return fetch_model(args)
 
 

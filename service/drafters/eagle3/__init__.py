@@ -18,6 +18,7 @@ from .checkpoint import (
     load_checkpoint,
     load_head,
     read_manifest,
+    read_state,
     save_checkpoint,
 )
 from .config import Eagle3Config, default_hidden_layers
@@ -41,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "load_head",
     "read_manifest",
+    "read_state",
     "save_checkpoint",
     "shifted_tokens",
 ]

@@ -116,7 +116,7 @@ def _check_target(path: Path, manifest: dict[str, Any], tcfg: LlamaConfig, targe
         expect = Eagle3Config.for_target(tcfg, cfg.draft_vocab_size, cfg.hidden_layers)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    if cfg != dataclasses.replace(expect, rms_norm_eps=cfg.rms_norm_eps):
+    if cfg != dataclasses.replace(expect, rms_norm_eps=cfg.rms_norm_eps, fc_norm=cfg.fc_norm):
         raise CheckpointError(f"{path}: head architecture {cfg.to_dict()} does not match the target's {expect.to_dict()}")
     return cfg
 
@@ -152,6 +152,23 @@ def _check_state(weights: Path, head: Eagle3Head, state: dict[str, Tensor], voca
         raise CheckpointError(f"{weights}: d2t must hold int64 ids in [0, {vocab_size})")
     if torch.unique(d2t).numel() != d2t.numel():
         raise CheckpointError(f"{weights}: d2t has duplicate target ids")
+
+
+def read_state(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any], Eagle3Config]:
+    """A version's weights without a target -> (state, manifest, architecture):
+    format, sha256 and the tensor names and shapes checked (format 2 only: a
+    format-1 checkpoint lacks the head's own norm and LM head). For export."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format {manifest['format_version']} has no {FORMAT1_MISSING}; load and re-save it")
+    cfg = Eagle3Config.from_dict(manifest.get("architecture") or {})
+    state = _read_weights(path, manifest)
+    weights = path / (manifest.get("weights_file") or WEIGHTS_FILE)
+    with torch.device("meta"):  # the names and shapes only
+        shapes = Eagle3Head(cfg)
+    _check_state(weights, shapes, state, cfg.target_vocab_size, FORMAT_VERSION)
+    return state, manifest, cfg
 
 
 def load_head(path: str | Path, target_model: LlamaModel, target_model_id: str) -> tuple[Eagle3Head, dict[str, Any]]:

@@ -35,10 +35,17 @@ class Eagle3Config:
     draft_vocab_size: int
     target_vocab_size: int
     target_num_layers: int
+    # RMS-normalise each tap before fc (what EAGLE-3.1 calls fc_norm); False only
+    # for heads imported from a format that fuses the raw streams (plain EAGLE-3)
+    fc_norm: bool = True
 
     @classmethod
     def for_target(
-        cls, cfg: LlamaConfig, draft_vocab_size: int, hidden_layers: tuple[int, ...] | None = None
+        cls,
+        cfg: LlamaConfig,
+        draft_vocab_size: int,
+        hidden_layers: tuple[int, ...] | None = None,
+        fc_norm: bool = True,
     ) -> Eagle3Config:
         layers = tuple(hidden_layers) if hidden_layers else default_hidden_layers(cfg.num_layers)
         if len(layers) != 3 or sorted(set(layers)) != list(layers) or not 0 <= layers[0] <= layers[-1] < cfg.num_layers:
@@ -55,15 +62,17 @@ class Eagle3Config:
             draft_vocab_size=min(draft_vocab_size, cfg.vocab_size),
             target_vocab_size=cfg.vocab_size,
             target_num_layers=cfg.num_layers,
+            fc_norm=fc_norm,
         )
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Eagle3Config:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - fields.keys()
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = names - optional - fields.keys()
         if missing:
             raise CheckpointError(f"architecture config lacks {sorted(missing)}")
-        return cls(**{k: (tuple(fields[k]) if k == "hidden_layers" else fields[k]) for k in names})
+        return cls(**{k: (tuple(fields[k]) if k == "hidden_layers" else fields[k]) for k in names & fields.keys()})
 
     def to_dict(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)

@@ -9,7 +9,8 @@ test" forward; the design is in docs/architecture.md.
   Each stream is RMS-normalised (own learnable weight) before the concat: the
   raw streams differ in scale between layers and carry massive activations on
   a few channels, which made the raw-concat fc of EAGLE-3 slow and unstable to
-  train in a short budget.
+  train in a short budget. (EAGLE-3.1's `fc_norm`; a head imported from a plain
+  EAGLE-3 checkpoint has `cfg.fc_norm` False and fuses the raw streams.)
 - one decoder layer whose attention reads the concatenation
   [input_norm(embedding of the next token), hidden_norm(hidden)] (2d wide:
   q/k/v take 2d inputs, as in EAGLE-3), with the *hidden* as the residual;
@@ -83,7 +84,7 @@ class Eagle3Head(nn.Module):
         super().__init__()
         self.cfg = cfg
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.feature_norms = nn.ModuleList(RMSNorm(d, cfg.rms_norm_eps) for _ in range(3))
+        self.feature_norms = nn.ModuleList(RMSNorm(d, cfg.rms_norm_eps) for _ in range(3 if cfg.fc_norm else 0))
         self.fc = nn.Linear(3 * d, d, bias=False)
         self.input_norm = RMSNorm(d, cfg.rms_norm_eps)  # on the token embedding
         self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps)  # on the fused / own hidden
@@ -160,7 +161,9 @@ class Eagle3Head(nn.Module):
     # -- pieces shared by serving and training --------------------------------
     def fuse(self, taps: list[Tensor]) -> Tensor:
         """taps: 3 x (..., d) target residual streams -> (..., d) fused feature."""
-        return self.fc(torch.cat([norm(t) for norm, t in zip(self.feature_norms, taps)], dim=-1))
+        if self.cfg.fc_norm:
+            taps = [norm(t) for norm, t in zip(self.feature_norms, taps)]
+        return self.fc(torch.cat(taps, dim=-1))
 
     def logits(
         self,
