@@ -61,7 +61,9 @@ MODEL = "smollm2-135m-instruct"
 STREAM = "draftloop:blocks"
 STREAM_MAXLEN = 5000  # the cap the report checks the stream against
 GUARD = {"window": 12, "min_requests": 6}
-OPD_TRAIN = {"epochs": 1, "batch_tokens": 256, "gate_requests": 4, "gate_max_tokens": 16, "gate_resamples": 200}
+OPD_TRAIN = {  # seconds, not minutes, on one core: the soak is about faults, not about τ
+    "epochs": 1, "batch_tokens": 256, "max_seconds": 10.0, "gate_requests": 2, "gate_max_tokens": 12, "gate_resamples": 200,
+}
 REFUSED = "draftloop_drafter_reloads_total{outcome=refused}"
 ROLLBACKS = "draftloop_drafter_rollbacks_total{reason=tau_regression}"
 DROPPED = "draftloop_block_records_dropped_total"
@@ -192,8 +194,12 @@ class Soak:
         checkpoints.publish_version(s.redis, version, path)
         wait_for("the server to serve it", lambda: self.serving_version() == version, 60)
         t_swap = time.monotonic()
+        after_s = None
         try:
             wait_for("the rollback", lambda: scrape(s.url).get(ROLLBACKS, 0) > 0, 120 * self.minutes + 180)
+            after_s = round(time.monotonic() - t_swap, 1)
+            # the counter moves first, then the server follows the pointer back
+            wait_for("the server to serve the old version again", lambda: self.serving_version() == before, 30)
         except TimeoutError:
             pass
         pointer = checkpoints.read_pointer(s.redis) or {}
@@ -201,7 +207,7 @@ class Soak:
         cool = bool(s.redis.exists(checkpoints.cooldown_key(version)))
         return {
             "version": version, "previous": before, "rolled_back": rolled, "cooldown_set": cool,
-            "rollback_after_s": round(time.monotonic() - t_swap, 1) if rolled else None, "in_report": rolled,
+            "rollback_after_s": after_s, "in_report": rolled,
         }  # fmt: skip
 
     # ---- helpers ------------------------------------------------------------------

@@ -33,7 +33,7 @@ GOOD_SFT = {
     "gen_minutes": None,
     "draft_vocab_size": 2048,
     "ttt_steps": 4,
-    "train_steps": 60,
+    "train_steps": 50,
     "train_minutes": None,
     "batch_tokens": 512,
     "warmup_steps": 2,
