@@ -46,6 +46,7 @@ def target_probs(
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (N, V) each
         # drop a token when the mass strictly before it already reaches top_p
         drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
+        drop[..., 0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32 dropped it)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)

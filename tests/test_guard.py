@@ -3,14 +3,18 @@ the rule on hand-made samples, the rollback and cool-down Lua scripts on a
 real Redis, and the reloader with real eagle3 checkpoints of the default
 target -- real traffic through the engine where two versions serve the same
 τ (kept), and a version whose served τ is set low (rolled back: pointer,
-cool-down, metric, log, the server back on the old version)."""
+cool-down, metric, log, the server back on the old version) -- and end to end:
+a real server under real traffic rolls back a randomised head published
+through the checkpoint store and the pointer."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 import torch
@@ -188,3 +192,64 @@ def test_a_worse_version_is_rolled_back(rds, ns: str, versions, target, caplog) 
     assert reloader.check() and reloader.guard.watching.new == ("eagle3", "3")
     reloader.pin(1)
     assert reloader.guard.watching is None  # an operator pin ends the watch
+
+
+# --- end to end: a real server, a bad head published through the pointer ------------------
+
+
+@pytest.mark.slow
+def test_a_bad_head_published_to_a_live_server_is_rolled_back(redis_db: str, settings, target, tmp_path: Path) -> None:
+    """v1 is an SFT head fit to the traffic's prompts (served τ well above 1); v2
+    has randomised weights. Both go through the checkpoint store and the
+    pointer; a real server serving real requests (official client, API key)
+    must roll v2 back by itself: pointer and server back on v1, the cool-down
+    set, the rollback counted on /metrics."""
+    import openai
+
+    from benchmarks.soak_heads import bad_head, good_head
+
+    from .conftest import metric, server_env, start_server, stop_process
+
+    rds = redis.Redis.from_url(redis_db)
+    ckdir = tmp_path / "checkpoints"
+    prompts = [p for p in sharegpt_prompts("train", limit=60) if len(p) < 120][:8]
+    v1 = good_head(target, prompts, ckdir, tmp_path / "sft-cache")
+    checkpoints.publish_version(rds, 1, v1)
+    env = server_env(
+        settings.cache_dir, tmp_path, DRAFTLOOP_DRAFTER="auto", DRAFTLOOP_REDIS_URL=redis_db,
+        DRAFTLOOP_API_KEYS="sk-guard-test", DRAFTLOOP_GUARD_WINDOW="12", DRAFTLOOP_GUARD_MIN_REQUESTS="6",
+        OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    server = start_server(env, tmp_path)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-guard-test", max_retries=0, timeout=120)
+    ids = [chat_ids(target.tokenizer, p) for p in prompts]
+    served: list[str] = []
+
+    def send(n: int) -> None:
+        for i in range(n):
+            r = client.completions.create(model="smollm2-135m-instruct", prompt=ids[i % len(ids)], max_tokens=16, temperature=0)
+            served.append(r.system_fingerprint)
+
+    try:
+        with httpx.Client(base_url=server.url) as http:
+            send(8)  # v1's baseline
+            assert served == ["draftloop-hybrid-1"] * 8
+            v2 = bad_head(target, v1, ckdir)
+            assert checkpoints.publish_version(rds, 2, v2)
+            deadline = time.monotonic() + 240
+            while metric(http, "draftloop_drafter_rollbacks_total", reason="tau_regression") < 1:
+                assert time.monotonic() < deadline, server.log_tail()
+                send(2)
+            assert "draftloop-hybrid-2" in served  # v2 did serve before it was rolled back
+            assert checkpoints.read_pointer(rds)["version"] == 1
+            assert rds.exists(checkpoints.cooldown_key(2))
+            assert not checkpoints.publish_version(rds, 2, v2)  # cooling down: a republish moves nothing
+            deadline = time.monotonic() + 30
+            while metric(http, "draftloop_drafter_version") != 1.0:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            send(1)
+            assert served[-1] == "draftloop-hybrid-1"
+        assert "rolling back eagle3 v2 to v1" in server.log_tail(20000)
+    finally:
+        stop_process(server.process)

@@ -113,6 +113,16 @@ def test_blocks_mix_sources_and_records_name_them():
     assert all(s == "" or s.startswith("n") or set(s) == {"e"} for s in sources)
 
 
+def test_a_head_that_drafts_nothing_after_lookup_tokens():
+    """Lookup tokens go first and the head's first token then fails the stop rule:
+    the head adds nothing to the block (it raised on an empty stack before)."""
+    target = tiny_target()
+    head = Eagle3Drafter(tiny_head(target), target.model, min_confidence=0.5)  # a tiny random head is never that sure
+    engine = Engine(target.model, HybridDrafter(head, NgramDrafter(), 1), set(), 4)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    assert engine.generate(PROMPT, params) == Engine(target.model, NgramDrafter(), set(), 0).generate(PROMPT, params)
+
+
 def _exact_marginals(model, prompt: list[int], params: SamplingParams, depth: int) -> list[torch.Tensor]:
     """The target's marginal distribution of generated tokens 1 .. depth (top-k keeps it small)."""
     out = [torch.zeros(TINY.vocab_size) for _ in range(depth)]

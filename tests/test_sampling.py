@@ -48,6 +48,14 @@ def _first_token_counts(p, q, k, gen, draft_sampler) -> torch.Tensor:
     return counts
 
 
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """top_p = 2.2e-311 (valid: > 0) is 0 once compared in float32; the nucleus
+    still holds the most likely token instead of nothing (NaN, a 500; found by the fuzz)."""
+    logits = torch.tensor([[0.5, 2.0, 1.0]])
+    probs = target_probs(logits, SamplingParams(temperature=1.0, top_p=2.225073858507e-311))
+    assert torch.equal(probs, torch.tensor([[0.0, 1.0, 0.0]]))
+
 def test_rejection_sampling_follows_target_not_draft():
     gen = torch.Generator().manual_seed(0)
     p1 = torch.tensor([0.05, 0.4, 0.3, 0.2, 0.05])

@@ -219,7 +219,8 @@ class Eagle3Drafter(Drafter):
                 hidden = self.head.step(hidden, pick.token.view(1), state.k, state.v, pos)
                 pos += 1
         probs = torch.stack(dists) if dists else None
-        return Proposal(drafted, probs, torch.stack(logps).tolist())
+        # after other drafters' tokens, the first head token may fail the stop rule: nothing drafted
+        return Proposal(drafted, probs, torch.stack(logps).tolist() if logps else [])
 
     def commit(
         self,
