@@ -55,26 +55,14 @@ router = APIRouter()
 async def create_completion(
     body: CompletionRequest, request: Request, service: CompletionServiceDep
 ) -> CompletionResponse | Response:
-    prompts = await service.prepare(body)
-    if body.stream:
-        return StreamingResponse(service.stream(body, prompts), media_type="text/event-stream")
-    result = await until_disconnect(request, service.create(body, prompts))
-    if result is None:  # the client left; its sequences were cancelled
-        return Response(status_code=499)
-    return result
+    return await respond(body, request, service)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: ChatServiceDep
 ) -> ChatCompletionResponse | Response:
-    chat = await service.prepare(body)
-    if body.stream:
-        return StreamingResponse(service.stream(body, chat), media_type="text/event-stream")
-    result = await until_disconnect(request, service.create(body, chat))
-    if result is None:  # the client left; its sequences were cancelled
-        return Response(status_code=499)
-    return result
+    return await respond(body, request, service)
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -124,6 +112,16 @@ def _health(state: ServerState) -> Health:
         ),
         cost_model=state.target.cost,
     )
+
+
+async def respond(body, request: Request, service):
+    """One generation request: an SSE stream, or the whole response unless the
+    client leaves first (its sequences are cancelled; 499)."""
+    prepared = await service.prepare(body)
+    if body.stream:
+        return StreamingResponse(service.stream(body, prepared), media_type="text/event-stream")
+    result = await until_disconnect(request, service.create(body, prepared))
+    return Response(status_code=499) if result is None else result
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
