@@ -65,7 +65,8 @@ OPD_TRAIN = {  # seconds, not minutes, on one core: the soak is about faults, no
     "epochs": 1, "batch_tokens": 256, "max_seconds": 10.0, "gate_requests": 2, "gate_max_tokens": 12, "gate_resamples": 200,
 }
 REFUSED = "draftloop_drafter_reloads_total{outcome=refused}"
-ROLLBACKS = "draftloop_drafter_rollbacks_total{reason=tau_regression}"
+ROLLBACK_REASONS = ("tau_regression", "speed_regression")
+ROLLBACKS = "draftloop_drafter_rollbacks_total"  # summed over ROLLBACK_REASONS
 DROPPED = "draftloop_block_records_dropped_total"
 WRITTEN = "draftloop_block_records_written_total"
 ABORTS = "draftloop_requests_total{finish_reason=abort}"

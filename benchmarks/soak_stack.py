@@ -93,7 +93,8 @@ def rss_bytes(pid: int) -> int | None:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """/metrics as {"name{k=v,...}": value} (labels sorted); {} when unreachable."""
+    """/metrics as {"name{k=v,...}": value} (labels sorted), plus {"name": sum over
+    its label sets} for labelled samples; {} when unreachable."""
     try:
         text = httpx.get(f"{url}/metrics", timeout=10).text
     except httpx.HTTPError:
@@ -102,7 +103,11 @@ def scrape(url: str) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+            if labels:
+                out[f"{s.name}{{{labels}}}"] = s.value
+                out[s.name] = out.get(s.name, 0.0) + s.value
+            else:
+                out[s.name] = s.value
     return out
 
 

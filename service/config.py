@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     guard_window: int = Field(200, ge=2)  # requests of each version compared
     guard_min_requests: int = Field(30, ge=2)  # before any verdict
     guard_margin: float = Field(0.05, ge=0.0)  # τ drop tolerated, as a fraction of the old τ
+    guard_speed_margin: float = Field(0.15, ge=0.0)  # decode tokens/s drop tolerated (load moves it too)
     guard_z: float = Field(3.0, gt=0.0)  # width of the confidence bound, in standard errors
     guard_cooldown_s: int = Field(3600, ge=1)  # a rolled-back version cannot be published again before
     opd_interval_s: float = 120.0

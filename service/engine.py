@@ -58,6 +58,8 @@ class Sequence:
     steps: int = 0
     num_drafts: int = 0  # verify steps that checked >= 1 drafted token (this request's τ)
     num_accepted: int = 0
+    decode_tokens: int = 0  # tokens its decode steps produced (accepted drafts + 1 each)
+    decode_s: float = 0.0  # seconds of those steps' drafting and verifying (the guard's speed)
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
@@ -199,6 +201,8 @@ class Engine:
             self._log_block(seq, proposal, logits, num_accepted, next_token, context)
         out = self._emit(seq, [*drafted[:num_accepted], next_token], logits[: num_accepted + 1])
         self.timing.add(t_drafted - t_start, t_verified - t_drafted, time.perf_counter() - t_verified)
+        seq.decode_tokens += num_accepted + 1
+        seq.decode_s += t_verified - t_start
         return out
 
     def _pick(

@@ -75,7 +75,8 @@ class Metrics:
             self.accepted_per_position.labels(position=str(pos))
         for outcome in ("ok", "refused"):
             self.drafter_reloads.labels(outcome=outcome)
-        self.drafter_rollbacks.labels(reason="tau_regression")
+        for reason in ("tau_regression", "speed_regression"):
+            self.drafter_rollbacks.labels(reason=reason)
 
     def set_drafter(self, kind: str, version: str) -> None:
         self.drafter_info.clear()

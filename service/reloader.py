@@ -130,6 +130,7 @@ class DrafterReloader:
                 window=settings.guard_window,
                 min_requests=settings.guard_min_requests,
                 margin=settings.guard_margin,
+                speed_margin=settings.guard_speed_margin,
                 z=settings.guard_z,
             )
             engine.on_finish = self._observe
@@ -246,7 +247,9 @@ class DrafterReloader:
     def _observe(self, seq: Sequence) -> None:
         """Engine thread: a finished sequence's τ, for the version that drafted it."""
         if self.guard is not None and seq.drafter is not None:
-            self.guard.observe(self._version_key(seq.drafter), seq.num_drafts, seq.num_accepted)
+            self.guard.observe(
+                self._version_key(seq.drafter), seq.num_drafts, seq.num_accepted, seq.decode_tokens, seq.decode_s
+            )
 
     def _watch_swap(self, old: VersionKey, new: VersionKey, pinned: bool) -> None:
         """Watch an automatic upgrade (same kind, a higher version whose
@@ -287,7 +290,7 @@ class DrafterReloader:
             )  # fmt: skip
             guard.stop_watching()
             if moved and self.metrics is not None:
-                self.metrics.drafter_rollbacks.labels(reason="tau_regression").inc()
+                self.metrics.drafter_rollbacks.labels(reason=verdict.label).inc()
             self.check()  # follow the pointer back now (another server may have moved it first)
 
     def _serving(self, kind: str, version: int) -> bool:

@@ -24,7 +24,7 @@ from service.config import Settings
 from service.drafters import eagle3
 from service.drafters.ngram import NgramDrafter
 from service.engine import Engine
-from service.guard import RegressionGuard, tau_verdict
+from service.guard import RegressionGuard, RequestSample, guard_verdict, tau_verdict
 from service.metrics import Metrics
 from service.reloader import DrafterReloader
 from service.sampling import SamplingParams
@@ -82,6 +82,36 @@ def test_guard_samples_per_version() -> None:
         guard.observe(("eagle3", "2"), num_drafts=10, num_accepted=0)  # τ 1
     v = guard.verdict()
     assert v.decision == "rollback" and v.old_tau == 2.0 and v.new_tau == 1.0
+
+
+def test_same_tau_but_slower_decoding_is_rolled_back_for_speed() -> None:
+    """A head that guesses as well but drafts twice as slowly: τ cannot see it, speed does."""
+    old = [RequestSample(2.0 + 0.1 * (i % 3), 60.0 + i % 5) for i in range(40)]
+    new = [RequestSample(2.0 + 0.1 * (i % 3), 30.0 + i % 5) for i in range(20)]
+    v = guard_verdict(old, new, margin=0.05, speed_margin=0.15, z=3.0, min_requests=10, window=40)
+    assert v.decision == "rollback" and v.measure == "speed" and v.label == "speed_regression"
+    assert "tok/s" in v.reason and v.new_tau is not None and v.new_tau < 35
+
+
+def test_speed_within_its_margin_and_equal_tau_is_kept() -> None:
+    old = [RequestSample(1.8 + 0.1 * (i % 3), 60.0 + i % 5) for i in range(40)]
+    new = [RequestSample(1.8 + 0.1 * (i % 3), 55.0 + i % 5) for i in range(40)]  # 8 % slower: inside 15 %
+    v = guard_verdict(old, new, margin=0.05, speed_margin=0.15, z=3.0, min_requests=10, window=40)
+    assert v.decision == "keep" and v.measure == "tau"
+    worse_tau = [RequestSample(1.0, 90.0) for _ in range(20)]  # faster but τ collapsed: τ decides
+    v = guard_verdict(old, worse_tau, margin=0.05, speed_margin=0.15, z=3.0, min_requests=10, window=40)
+    assert v.decision == "rollback" and v.label == "tau_regression"
+
+
+def test_guard_measures_decode_speed_per_request() -> None:
+    guard = RegressionGuard(window=4, min_requests=2, margin=0.05, z=3.0, speed_margin=0.15)
+    for _ in range(4):
+        guard.observe(("eagle3", "1"), num_drafts=10, num_accepted=10, decode_tokens=20, decode_s=0.5)  # 40 tok/s
+    guard.watch(("eagle3", "1"), ("eagle3", "2"), "/ck/eagle3/v1")
+    for _ in range(4):
+        guard.observe(("eagle3", "2"), num_drafts=10, num_accepted=10, decode_tokens=20, decode_s=1.0)  # 20 tok/s
+    v = guard.verdict()
+    assert v.decision == "rollback" and v.measure == "speed" and (v.old_tau, v.new_tau) == (40.0, 20.0)
 
 
 # --- the pointer: rollback and cool-down ----------------------------------------------
