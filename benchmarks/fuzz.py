@@ -5,13 +5,14 @@
 Starts a `draftloop serve` (ngram drafter, block log off, DRAFTLOOP_API_KEYS
 set), reads its /openapi.json and, with hypothesis-jsonschema, generates
 request bodies for every POST route under /v1 from the route's own request
-schema. Each example is sent in one of three shapes, in turn: as generated
-(schema-valid; `max_tokens` clamped to 1..4, `n` to 1..2 and prompt lists to
-2 entries, so valid requests stay cheap), with one field replaced by a value
+schema (completions and chat). Each example is sent in one of three shapes, in
+turn: as generated (schema-valid; `max_tokens` / `max_completion_tokens`
+clamped to 1..4, `n` to 1..2, prompt lists to 2 entries and chat messages to
+4, so valid requests stay cheap), with one field replaced by a value
 of another JSON type, or as bytes that are not the JSON of an object. Every
 request carries the key. The report counts responses by status and shape
 and keeps the first bodies that got a 5xx. `--seconds` stops early (the
-report says how many were sent)."""
+report says how many were sent); each route gets an equal share of it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import argparse
 import json
 import logging
 import random
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis_jsonschema import from_schema
 
-from benchmarks.soak_stack import ROOT, Child, free_port, wait_for
+from benchmarks.soak_stack import Child, start_serve
 from service.config import Settings
 
 log = logging.getLogger("fuzz")
@@ -58,11 +58,15 @@ def clamp(body: Any, rng: random.Random) -> Any:
         return body
     body = dict(body)
     body["max_tokens"] = rng.randint(1, 4)
+    if "max_completion_tokens" in body:  # chat's newer name for the same cap
+        body["max_completion_tokens"] = rng.randint(1, 4)
     if isinstance(body.get("n"), int):
         body["n"] = min(body["n"], 2)
     body.pop("best_of", None)
     if isinstance(body.get("prompt"), list) and body["prompt"] and isinstance(body["prompt"][0], (list, str)):
         body["prompt"] = body["prompt"][:2]
+    if isinstance(body.get("messages"), list):
+        body["messages"] = body["messages"][:4]
     return body
 
 
@@ -71,7 +75,7 @@ def mutate(body: Any, rng: random.Random) -> Any:
     if not isinstance(body, dict):
         return rng.choice(WRONG_TYPES)
     body = dict(body)
-    key = rng.choice([*body, "prompt", "max_tokens", "temperature", "stop", "logprobs", "unknown_field"])
+    key = rng.choice([*body, "prompt", "messages", "max_tokens", "temperature", "stop", "logprobs", "unknown_field"])
     body[key] = rng.choice(WRONG_TYPES)
     return body
 
@@ -84,7 +88,9 @@ class Fuzzer:
     def __init__(self, url: str, requests: int, seconds: float, seed: int = 0):
         self.url = url
         self.requests = requests
+        self.seconds = seconds
         self.deadline = time.monotonic() + seconds
+        self.sent_by_route: Counter[str] = Counter()
         self.rng = random.Random(seed)
         self.statuses: Counter[str] = Counter()
         self.server_errors: list[dict[str, Any]] = []
@@ -100,58 +106,45 @@ class Fuzzer:
             payload = clamp(body, self.rng) if shape == "valid" else mutate(clamp(body, self.rng), self.rng)
             content = json.dumps(payload, ensure_ascii=self.rng.random() < 0.5).encode("utf-8", "surrogatepass")
         self.sent += 1
+        self.sent_by_route[path] += 1
         try:
             r = self.http.post(path, content=content, headers={"Content-Type": "application/json"})
         except httpx.HTTPError as exc:
             self.transport_errors[type(exc).__name__] += 1
             return
-        self.statuses[f"{shape} {r.status_code}"] += 1
+        self.statuses[f"{path} {shape} {r.status_code}"] += 1
         if r.status_code >= 500 and len(self.server_errors) < KEEP_5XX:
             self.server_errors.append({"path": path, "body": content[:2000].decode("utf-8", "replace"), "status": r.status_code, "response": r.text[:500]})
 
     def run(self, schemas: dict[str, dict[str, Any]]) -> None:
         per_route = max(1, self.requests // len(schemas))
         for path, schema in schemas.items():
+            self.deadline = time.monotonic() + self.seconds / len(schemas)  # each route its share of the time
 
             @settings(max_examples=per_route, phases=[Phase.generate], database=None, deadline=None,
                       suppress_health_check=list(HealthCheck))  # fmt: skip
             @given(from_schema(schema) | st.dictionaries(st.text(max_size=12), st.from_type(type(None)) | st.integers() | st.text()))
-            def one(body: Any) -> None:
+            def one(body: Any, path: str = path) -> None:
                 if time.monotonic() < self.deadline:
                     self.send(path, body)
 
             one()
 
     def report(self, wall_s: float) -> dict[str, Any]:
-        total_5xx = sum(n for k, n in self.statuses.items() if k.split()[1].startswith("5"))
+        total_5xx = sum(n for k, n in self.statuses.items() if k.split()[2].startswith("5"))
         return {
-            "sent": self.sent, "wall_s": round(wall_s, 1), "api_key_set": True,
+            "sent": self.sent, "sent_by_route": dict(self.sent_by_route), "wall_s": round(wall_s, 1), "api_key_set": True,
             "by_status": dict(sorted(self.statuses.items())), "server_errors": total_5xx,
             "transport_errors": dict(self.transport_errors), "first_5xx": self.server_errors,
         }  # fmt: skip
 
 
 def start_server(workdir: Path, cache_dir: Path) -> tuple[Child, str]:
-    port = free_port()
     env = {
-        **dict(__import__("os").environ), "PYTHONPATH": str(ROOT), "DRAFTLOOP_CACHE_DIR": str(cache_dir),
         "DRAFTLOOP_API_KEYS": API_KEY, "DRAFTLOOP_DRAFTER": "ngram", "DRAFTLOOP_BLOCK_LOG": "false",
-        "DRAFTLOOP_DTYPE": "float32", "DRAFTLOOP_CHECKPOINT_DIR": str(workdir / "checkpoints"),
+        "DRAFTLOOP_DTYPE": "float32",
     }  # fmt: skip
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    server = Child("server", cmd, env, workdir / "server.log").start()
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if not server.alive:
-            raise RuntimeError(f"the server exited:\n{server.tail()}")
-        try:
-            return httpx.get(f"{url}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for("the server", healthy, 300)
-    return server, url
+    return start_serve(workdir, cache_dir, env)
 
 
 def fuzz(requests: int, seconds: float, out: Path | None, cache_dir: Path | None = None) -> dict[str, Any]:

@@ -81,6 +81,31 @@ class Child:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
+def start_serve(workdir: Path, cache_dir: Path, env: dict[str, str], timeout_s: float = 300) -> tuple[Child, str]:
+    """A `draftloop serve` child on a free port with `env` over this environment
+    (this checkout importable, `cache_dir` as the model cache, a checkpoint dir
+    in `workdir`), once /health answers. -> (the child, its base URL)."""
+    port = free_port()
+    full = {
+        **os.environ, "PYTHONPATH": str(ROOT), "DRAFTLOOP_CACHE_DIR": str(cache_dir),
+        "DRAFTLOOP_CHECKPOINT_DIR": str(workdir / "checkpoints"), **env,
+    }  # fmt: skip
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    server = Child("server", cmd, full, workdir / "server.log").start()
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if not server.alive:
+            raise RuntimeError(f"the server exited:\n{server.tail()}")
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for("the server", healthy, timeout_s)
+    return server, url
+
+
 def rss_bytes(pid: int) -> int | None:
     """Resident set size of `pid` (Linux /proc), None when unreadable."""
     try:

@@ -9,6 +9,11 @@ rules use it:
 - `stop_thresholds`: how far a drafter keeps drafting (the draft-length
   decision, replacing a constant confidence stop);
 - `fastest_dtype`: which dtype DRAFTLOOP_DTYPE=auto serves on a CPU.
+
+For batches it also times a few wider forwards (`batch_widths`: up to
+max_num_seqs x (K+1) rows, the most one batched verify can carry), so the
+adaptive draft-length rule (`service.speculation`) knows what extra rows cost
+when many sequences share a step (`cached_points`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from pathlib import Path
 import torch
 
 from .fileutil import write_text_atomic
-
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +107,14 @@ def fastest_dtype(curves: Mapping[str, Sequence[float]], margin: float = BF16_MA
 # ---- measurement -------------------------------------------------------------
 
 
+def batch_widths(k: int, max_num_seqs: int) -> list[int]:
+    """Row counts past one verify (K+1 rows) worth timing for batched steps:
+    powers of two up to, and then, max_num_seqs x (K+1)."""
+    top = max_num_seqs * (k + 1)
+    widths = [w for w in (8, 16, 32, 64, 128, 256) if k + 1 < w < top]
+    return [*widths, top] if top > k + 1 else widths
+
+
 def measure_curve(
     model: torch.nn.Module,
     max_rows: int,
@@ -111,13 +123,24 @@ def measure_curve(
 ) -> list[float]:
     """Median seconds of one target forward of n = 1 .. max_rows rows (full
     logits, as a verify pass) after `context` cached positions."""
+    return measure_widths(model, range(1, max_rows + 1), context, repeats)
+
+
+def measure_widths(
+    model: torch.nn.Module,
+    widths: Sequence[int],
+    context: int = DEFAULT_CONTEXT,
+    repeats: int = DEFAULT_REPEATS,
+) -> list[float]:
+    """Median seconds of one target forward of each width in `widths` rows."""
     vocab = model.cfg.vocab_size
+    max_rows = max(widths)
     ids = torch.arange(context + max_rows, device=model.device) % vocab  # (context + max_rows,) int64
     cache = model.new_cache(context + max_rows)
     out: list[float] = []
     with torch.inference_mode():
         model(ids[:context], cache, logits=False)
-        for n in range(1, max_rows + 1):
+        for n in widths:
             rows = ids[context : context + n]
             times = []
             for i in range(repeats + 1):  # the first run warms up
@@ -182,15 +205,33 @@ def cached_curve(
     cache_dir: Path,
     context: int = DEFAULT_CONTEXT,
 ) -> list[float]:
-    """The curve of `model` from the cache, measured and stored on a miss."""
+    """The curve of `model` (1 .. max_rows rows) from the cache, measured and stored on a miss."""
+    return _cached(model, model_id, list(range(1, max_rows + 1)), cache_dir, context, dense=True)
+
+
+def cached_points(
+    model: torch.nn.Module, model_id: str, widths: Sequence[int], cache_dir: Path, context: int = DEFAULT_CONTEXT
+) -> list[tuple[int, float]]:
+    """(rows, seconds) of `model` at `widths` rows, from the cache or measured."""
+    if not widths:
+        return []
+    seconds = _cached(model, model_id, list(widths), cache_dir, context, dense=False)
+    return list(zip(widths, seconds))
+
+
+def _cached(
+    model: torch.nn.Module, model_id: str, widths: list[int], cache_dir: Path, context: int, dense: bool
+) -> list[float]:
     from .packed import is_packed
 
-    key = curve_key(model_id, model.dtype, model.device, max_rows, context, is_packed(model))
+    key = curve_key(model_id, model.dtype, model.device, max(widths), context, is_packed(model))
+    if not dense:  # a sparse set of widths is another measurement than the dense 1..max curve
+        key["widths"] = widths
     found = read_curve(cache_dir, key)
     if found is not None:
         return found
     t0 = time.perf_counter()
-    seconds = measure_curve(model, max_rows, context)
+    seconds = measure_widths(model, widths, context)
     log.info("verify-cost curve %s measured in %.1f s", key["dtype"], time.perf_counter() - t0)
     path = _curve_path(cache_dir, key)
     try:

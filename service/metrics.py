@@ -35,6 +35,12 @@ class Metrics:
             buckets=tuple(range(1, MAX_POSITIONS + 2)),
             registry=r,
         )
+        self.draft_length = Histogram(
+            p + "draft_length",
+            "Draft length K chosen per sequence and step (adaptive speculation: service/speculation.py)",
+            buckets=tuple(range(0, MAX_POSITIONS + 1)),
+            registry=r,
+        )
         self.request_latency = Histogram(
             p + "request_latency_seconds",
             "End-to-end request latency",

@@ -1,0 +1,110 @@
+"""Adaptive speculation: how many tokens each running sequence drafts this step.
+
+Speculation and batching trade against each other. A verify forward over N
+rows costs t(N) (the measured cost-vs-rows curve of this machine and dtype,
+`service.costmodel`); a one-row forward is weight-bandwidth bound, so on a
+small batch extra rows are almost free, and on a large one they cost nearly
+their full share. Each sequence i keeps a running estimate α_i of the chance
+that one drafted token is accepted (`AcceptanceTracker`), so drafting K_i
+tokens yields E_i(K_i) = 1 + α_i + … + α_i^K_i tokens (a chain: token j counts
+only when tokens 1..j-1 did). The step's goodput is
+
+    G(K) = Σ_i E_i(K_i) / (t(Σ_i (K_i + 1)) + draft_cost · Σ_i K_i)
+
+and `choose_lengths` picks the K (each within its cap) that maximises it. Adding
+one token to sequence i raises the numerator by α_i^(K_i+1) and the denominator
+by the same amount whichever i it is, so the best next token is always the one
+with the largest α_i^(K_i+1); the rule walks that greedy path to the caps and
+keeps the best point on it (the curve need not be smooth). K = 0 for everyone
+is on the path: speculation runs only where it pays.
+
+Pure functions and a small mutable estimate; the engine calls them each step
+(service/engine.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+PRIOR_ACCEPTED = 1.0  # pseudo-counts: a new sequence starts at α = 0.5 ...
+PRIOR_REJECTED = 1.0  # ... and its own blocks take over after a few steps
+DECAY = 0.9  # per step: acceptance drifts along a request (code, then prose)
+
+
+@dataclass
+class AcceptanceTracker:
+    """Running per-token acceptance of one sequence's drafts.
+
+    Under the chain model a block of K drafts with n accepted shows n accepts
+    and, when n < K, one rejection; the estimate is the decayed
+    accepts / (accepts + rejections), which is the maximum-likelihood α of a
+    truncated geometric over the recent blocks."""
+
+    accepted: float = PRIOR_ACCEPTED
+    rejected: float = PRIOR_REJECTED
+
+    def observe(self, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        self.accepted = DECAY * self.accepted + accepted
+        self.rejected = DECAY * self.rejected + (1.0 if accepted < drafted else 0.0)
+
+    @property
+    def alpha(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verify step yields with k drafts: 1 + α + … + α^k."""
+    return float(sum(alpha**j for j in range(k + 1)))
+
+
+def curve_cost(points: Sequence[tuple[int, float]]) -> Callable[[int], float]:
+    """Seconds of a forward of n rows, from measured (rows, seconds) points:
+    piecewise linear between them, the first point's below, and the slope of
+    the last two beyond (more rows never cost less)."""
+    pts = sorted(points)
+    if not pts:
+        raise ValueError("no cost points")
+
+    def cost(n: int) -> float:
+        if n <= pts[0][0] or len(pts) == 1:
+            return pts[0][1] if n <= pts[0][0] else pts[0][1] * n / pts[0][0]
+        for (r0, s0), (r1, s1) in pairwise(pts):
+            if n <= r1:
+                return s0 + (s1 - s0) * (n - r0) / (r1 - r0)
+        (r0, s0), (r1, s1) = pts[-2], pts[-1]
+        return s1 + max(s1 - s0, 0.0) / (r1 - r0) * (n - r1)
+
+    return cost
+
+
+def choose_lengths(
+    alphas: Sequence[float],
+    caps: Sequence[int],
+    cost: Callable[[int], float],
+    draft_cost: float = 0.0,
+) -> list[int]:
+    """Draft lengths K_i ∈ [0, caps[i]] maximising the step's goodput (module
+    docstring). draft_cost: seconds of one drafted token's own draft step."""
+    n = len(alphas)
+    ks = [0] * n
+    if n == 0:
+        return ks
+    tokens = float(n)
+    rows = n
+    drafted = 0
+    best_rate, best = tokens / cost(rows), list(ks)
+    while True:
+        open_ = [i for i in range(n) if ks[i] < caps[i]]
+        if not open_:
+            return best
+        i = max(open_, key=lambda j: alphas[j] ** (ks[j] + 1))
+        tokens += alphas[i] ** (ks[i] + 1)
+        ks[i] += 1
+        rows += 1
+        drafted += 1
+        rate = tokens / (cost(rows) + draft_cost * drafted)
+        if rate > best_rate:
+            best_rate, best = rate, list(ks)

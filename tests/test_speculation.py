@@ -1,0 +1,73 @@
+"""Adaptive speculation (service/speculation.py): the draft-length rule on
+hand-made cost curves, and the running acceptance estimate."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.speculation import AcceptanceTracker, choose_lengths, curve_cost, expected_tokens
+
+
+def test_expected_tokens_is_the_chain_sum() -> None:
+    assert expected_tokens(0.5, 0) == 1.0
+    assert expected_tokens(0.5, 3) == pytest.approx(1 + 0.5 + 0.25 + 0.125)
+
+
+def test_curve_cost_interpolates_and_extrapolates_upwards() -> None:
+    cost = curve_cost([(1, 10.0), (5, 14.0), (16, 30.0)])
+    assert cost(1) == 10.0 and cost(3) == pytest.approx(12.0) and cost(5) == 14.0
+    assert cost(16) == 30.0 and cost(27) == pytest.approx(30.0 + 16.0)  # the last slope beyond
+    assert curve_cost([(1, 2.0)])(4) == pytest.approx(8.0)  # one point: proportional
+
+
+def test_free_rows_draft_to_the_cap_and_full_price_rows_never_draft() -> None:
+    flat = curve_cost([(1, 1.0), (64, 1.0)])
+    assert choose_lengths([0.3, 0.6], [4, 4], flat) == [4, 4]
+    linear = curve_cost([(1, 1.0), (64, 64.0)])  # a row costs a whole step: a draft never pays
+    assert choose_lengths([0.9, 0.99], [4, 4], linear) == [0, 0]
+
+
+def test_one_sequence_on_a_cpu_like_curve_drafts_by_its_acceptance() -> None:
+    cpu = curve_cost([(1, 1.0), (2, 1.1), (5, 1.35)])  # the 5-row verify at 1.35x a one-row step
+    assert choose_lengths([0.9], [4], cpu) == [4]
+    assert choose_lengths([0.05], [4], cpu) == [0]
+    mid = choose_lengths([0.3], [4], cpu)[0]
+    assert 0 < mid < 4
+
+
+def test_a_big_batch_drafts_less_and_gives_the_drafts_to_the_best_sequences() -> None:
+    cpu = curve_cost([(1, 1.0), (8, 1.5), (16, 2.5), (64, 9.0)])
+    alone = choose_lengths([0.5], [4], cpu)
+    batch = choose_lengths([0.5] * 16, [4] * 16, cpu)
+    assert sum(batch) / 16 < alone[0]
+    mixed = choose_lengths([0.9, 0.1, 0.9, 0.1], [4] * 4, cpu)
+    assert mixed[0] == mixed[2] > 0 and mixed[1] == mixed[3] == 0
+
+
+def test_draft_cost_and_caps_are_respected() -> None:
+    flat = curve_cost([(1, 1.0), (64, 1.0)])
+    assert choose_lengths([0.5, 0.5], [2, 0], flat) == [2, 0]
+    assert choose_lengths([0.5], [4], flat, draft_cost=10.0) == [0]  # a draft step dearer than it yields
+    assert choose_lengths([], [], flat) == []
+
+
+def test_acceptance_tracker_follows_the_recent_blocks() -> None:
+    t = AcceptanceTracker()
+    assert t.alpha == 0.5
+    for _ in range(30):
+        t.observe(4, 4)  # every draft accepted
+    assert t.alpha > 0.95
+    for _ in range(30):
+        t.observe(4, 0)  # then none
+    assert t.alpha < 0.2  # the old accepts fade at DECAY per step
+    before = t.alpha
+    t.observe(0, 0)  # a step that drafted nothing says nothing
+    assert t.alpha == before
+
+
+def test_batch_widths_reach_the_largest_batched_verify() -> None:
+    from service.costmodel import batch_widths
+
+    assert batch_widths(4, 8) == [8, 16, 32, 40]
+    assert batch_widths(4, 1) == []  # one sequence: the dense 1..K+1 curve is all there is
+    assert batch_widths(0, 16) == [8, 16]
