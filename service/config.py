@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     hybrid_min_match: int = 2  # suffix tokens an n-gram match needs before lookup drafts first (hybrid)
     # draft-length stop: auto (from the measured verify-cost curve, service.costmodel) | a number in [0, 1]
     min_confidence: str = "auto"
+    # how many tokens each sequence drafts per step: adaptive (from its running acceptance and
+    # the batch, over the measured cost curve: service/speculation.py) | fixed (up to K always)
+    speculation: Literal["adaptive", "fixed"] = "adaptive"
 
     # server
     host: str = "127.0.0.1"

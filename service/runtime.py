@@ -48,6 +48,8 @@ class Target:
     eos_token_ids: set[int]
     stop_thresholds: tuple[float, ...] = ()  # per draft slot, from the verify-cost curve (service.costmodel)
     cost: dict = field(default_factory=dict)  # the measured curve, dtype choice and thresholds (/health)
+    # (rows, seconds) of one forward: 1..K+1 rows and the batch widths (service.speculation)
+    cost_points: tuple[tuple[int, float], ...] = ()
 
 
 def pick_device(setting: str) -> torch.device:
@@ -91,6 +93,9 @@ def load_target(settings: Settings) -> Target:
         settings.min_confidence, cost["verify_seconds"], settings.num_speculative_tokens
     )
     cost.update(min_confidence=settings.min_confidence, stop_thresholds=thresholds)
+    widths = costmodel.batch_widths(settings.num_speculative_tokens, settings.max_num_seqs)
+    points = [*enumerate(cost["verify_seconds"], 1), *costmodel.cached_points(model, str(path), widths, settings.cache_dir)]
+    cost["batch_seconds"] = {str(r): s for r, s in points[rows:]}
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
@@ -100,7 +105,7 @@ def load_target(settings: Settings) -> Target:
     )
     log.info("target %s loaded from %s on %s/%s", name, path, device, model.dtype)
     log.info("verify cost %s s (1..%d rows); stop thresholds %s", cost["verify_seconds"], rows, thresholds)
-    return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost)
+    return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost, tuple(points))
 
 
 def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int, pack: bool = True) -> tuple[LlamaModel, dict]:

@@ -36,7 +36,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Text
+    # the schema names the roles (clients and fuzzers read it); the validator words the refusal
+    role: Text = Field(json_schema_extra={"enum": list(ROLES)})
     content: Text | list[TextPart]
     name: Text | None = None  # accepted as OpenAI does; the chat template does not read it
     tool_calls: list[Any] | None = None
@@ -80,7 +81,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = Field(None, description="deprecated by OpenAI")
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = False
