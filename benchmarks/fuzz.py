@@ -120,15 +120,17 @@ class Fuzzer:
         per_route = max(1, self.requests // len(schemas))
         for path, schema in schemas.items():
             self.deadline = time.monotonic() + self.seconds / len(schemas)  # each route its share of the time
+            self._route(path, schema, per_route)
 
-            @settings(max_examples=per_route, phases=[Phase.generate], database=None, deadline=None,
-                      suppress_health_check=list(HealthCheck))  # fmt: skip
-            @given(from_schema(schema) | st.dictionaries(st.text(max_size=12), st.from_type(type(None)) | st.integers() | st.text()))
-            def one(body: Any, path: str = path) -> None:
-                if time.monotonic() < self.deadline:
-                    self.send(path, body)
+    def _route(self, path: str, schema: dict[str, Any], examples: int) -> None:
+        @settings(max_examples=examples, phases=[Phase.generate], database=None, deadline=None,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(from_schema(schema) | st.dictionaries(st.text(max_size=12), st.from_type(type(None)) | st.integers() | st.text()))
+        def one(body: Any) -> None:
+            if time.monotonic() < self.deadline:
+                self.send(path, body)
 
-            one()
+        one()
 
     def report(self, wall_s: float) -> dict[str, Any]:
         total_5xx = sum(n for k, n in self.statuses.items() if k.split()[2].startswith("5"))
