@@ -42,8 +42,9 @@ class _Validated:
 @dataclass
 class OPDConfig(_Validated):
     epochs: int = 2  # passes over the training blocks
-    lr: float = 3e-4  # Adam, constant after a short warm-up
-    warmup_steps: int = 5
+    lr: float = 3e-4  # AdamW peak; cosine decay to 10% over the update's steps (worker.train.loop.cosine_lr)
+    warmup_steps: int = 5  # linear warm-up, only when the optimizer starts fresh (no carried state)
+    carry_optimizer: bool = True  # resume AdamW's moments from the serving version's optimizer file, when compatible
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_tokens: int = 2048  # padded requests x context length per optimizer step
