@@ -327,3 +327,24 @@ def test_opd_update_end_to_end(target, served):
         assert res.train.steps >= 1 and all(np.isfinite(h["loss"]) for h in res.train.history), kw
         assert res.after.blocks == out.after.blocks  # always evaluated on the served held-out blocks
 
+
+@pytest.mark.slow
+def test_rollouts_draft_full_k_greedily(target, served):
+    """Benchmark rollouts decode as the greedy evaluation does: every block drafts
+    all K (no confidence stop) at temperature 0; the drafter's own rule comes back."""
+    from worker.train.rollouts import serve_for_blocks
+
+    head, _ = served
+    drafter = Eagle3Drafter(head, target.model, version="1")
+    drafter.min_confidence = 0.9  # an untrained head is rarely this sure: served, it stops early
+    prompt = chat_ids(target.tokenizer, sharegpt_prompts("train", limit=1)[0])
+    params = SamplingParams(temperature=1.0, max_tokens=20)
+    col, stats = serve_for_blocks(target, drafter, 4, [prompt], params, 0, "roll")
+    drafted = [r for r in col.records if r.num_draft > 0]
+    assert stats["greedy_eval"] and all(r.temperature == 0.0 for r in col.records)
+    # after the prefill step (nothing drafted), every step drafts what the engine allows: K, less near max_tokens
+    room = [min(4, 20 - (r.position - len(prompt)) - 1) for r in col.records[1:]]
+    assert len(drafted) >= 3 and [r.num_draft for r in col.records[1:]] == room
+    assert drafter.min_confidence == 0.9
+    stopped, _ = serve_for_blocks(target, drafter, 4, [prompt], params, 0, "served", greedy_eval=False)
+    assert any(0 < r.num_draft < 4 for r in stopped.records) or any(r.num_draft == 0 for r in stopped.records)
