@@ -54,6 +54,7 @@ from worker.prompts import chat_ids, eval_prompts, sharegpt_exchanges, sharegpt_
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
 from worker.train.config import OPDConfig, validate_overrides
+from worker.train.loop import read_optimizer
 from worker.train.opd import UpdateResult, opd_update, save_update
 from worker.train.rollouts import BlockCollector, serve_for_blocks
 
@@ -132,21 +133,25 @@ def drafter_for(version: Version, target: Target) -> eagle3.Eagle3Drafter:
 
 def serve(
     target: Target, version: Version, prompts: list[list[int]], k: int, params: SamplingParams, first_seed: int,
-    tag: str,
+    tag: str, greedy_eval: bool = True,
 ) -> tuple[BlockCollector, dict[str, Any]]:
     """Serve `prompts` with the version's drafter (request i seeded first_seed + i),
-    collecting every verify block as the block log would."""
-    collector, stats = serve_for_blocks(target, drafter_for(version, target), k, prompts, params, first_seed, tag)
+    collecting every verify block as the block log would; with `greedy_eval`
+    (the evaluation is greedy) as `serve_for_blocks` rolls out for it."""
+    collector, stats = serve_for_blocks(
+        target, drafter_for(version, target), k, prompts, params, first_seed, tag, greedy_eval=greedy_eval
+    )
     stats["served_tau"], stats["serve_seconds"] = stats.pop("tau"), stats.pop("seconds")
     return collector, stats
 
 
 def update(target: Target, version: Version, blocks: BlockCollector, cfg: OPDConfig) -> UpdateResult:
     """One Draft-OPD update of the version on the blocks it served (the core of
-    worker.update.run_update)."""
-    head, _ = eagle3.load_head(version.path, target.model, target.model_id)  # float32, as the worker trains it
+    worker.update.run_update), AdamW resumed from the version's optimizer state as the worker does."""
+    head, manifest = eagle3.load_head(version.path, target.model, target.model_id)  # float32, as the worker trains it
     model, model_id = target.model, target.model_id
-    return opd_update(head, model, blocks.records, blocks.contexts, version.number, model_id, cfg)
+    state = read_optimizer(Path(version.path), manifest) if cfg.carry_optimizer else None
+    return opd_update(head, model, blocks.records, blocks.contexts, version.number, model_id, cfg, optimizer_state=state)
 
 
 def publish(
@@ -310,7 +315,9 @@ def run_rounds(args: argparse.Namespace, st: Setup) -> tuple[list[dict[str, Any]
     for r in range(1, args.rounds + 1):
         lo = (r - 1) * n
         prompts = st.traffic[lo : lo + n]
-        blocks, stats = serve(st.target, current, prompts, st.k, params, args.seed + lo, f"round{r}")
+        blocks, stats = serve(
+            st.target, current, prompts, st.k, params, args.seed + lo, f"round{r}", not args.served_rollouts
+        )
         t0 = time.perf_counter()
         result = update(st.target, current, blocks, st.cfg)
         ok = result.train_blocks > 0 and (result.offline_not_worse or args.no_gate)
@@ -379,7 +386,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--rounds", type=int, help=f"serve + update rounds (default {DEFAULTS['rounds']})")
     add("--prompts-per-round", type=int, help=f"requests served per round (default {DEFAULTS['prompts_per_round']})")
     add("--max-new-tokens", type=int, help=f"per served request (default {DEFAULTS['max_new_tokens']})")
-    add("--temperature", type=float, default=1.0, help="of the served traffic (evaluation is greedy)")
+    add("--temperature", type=float, default=1.0, help="of the served traffic with --served-rollouts (evaluation is greedy)")
+    add("--served-rollouts", action="store_true",
+        help="roll out as served (--temperature, the drafter's confidence stop); default: as the greedy evaluation decodes")
     add("--eval-prompts", type=int, help=f"evaluation prompts (default {DEFAULTS['eval_prompts']})")
     add("--eval-max-new-tokens", type=int, help=f"per evaluation prompt (default {DEFAULTS['eval_max_new_tokens']})")
     add("--repeats", type=int, help="timed repetitions per evaluation; tokens/s is their median (default 1)")

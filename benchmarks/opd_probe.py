@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     texts = sharegpt_prompts("train", limit=FIRST_PROMPT + args.prompts)[FIRST_PROMPT:]
     prompts = [chat_ids(target.tokenizer, t) for t in texts]
     params = SamplingParams(temperature=1.0, max_tokens=64)
-    blocks, stats = serve_for_blocks(target, drafter, settings.num_speculative_tokens, prompts, params, 0, "probe")
+    # as served (temperature 1, --min-confidence): this probe sets the rollout policy itself
+    blocks, stats = serve_for_blocks(
+        target, drafter, settings.num_speculative_tokens, prompts, params, 0, "probe", greedy_eval=False
+    )
     drafted = sum(len(r.draft_tokens) for r in blocks.records) / max(1, sum(bool(r.draft_tokens) for r in blocks.records))
     print(f"served {stats['requests']} requests: {stats['blocks']} blocks, τ {stats['tau']}, {drafted:.2f} drafted tokens per block")
     for overrides in args.settings:

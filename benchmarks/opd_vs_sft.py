@@ -392,7 +392,8 @@ def collect_rollouts(
     the real engine at temperature 1, every verify step logged."""
     drafter = serving_drafter(head, target, "1", plan.rollout_min_confidence)
     params = SamplingParams(temperature=1.0, max_tokens=plan.rollout_max_tokens)
-    collector, stats = serve_for_blocks(target, drafter, plan.k, prompts, params, plan.seed, "rollout")
+    # as served (the plan's confidence stop, temperature 1): its arms evaluate greedy and sampled
+    collector, stats = serve_for_blocks(target, drafter, plan.k, prompts, params, plan.seed, "rollout", greedy_eval=False)
     del stats["seconds"]  # the phase clock records it
     return collector, stats
 

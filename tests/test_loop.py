@@ -243,6 +243,7 @@ def check_published_v2(rep: dict, r: redis.Redis, ckdir: Path, url: str, traffic
     assert manifest["trained_on"]["blocks"] == rep["blocks"]["train_blocks"]
     assert manifest["eval"] == {"tau_before": rep["tau_before"], "tau_after": rep["tau_after"]}
     assert manifest["opd"]["gate"] == rep["gate"]
+    assert (checkpoints.version_path(ckdir, 2) / manifest["optimizer_file"]).is_file()  # for the next update
 
 
 # ---- (a) requests -> blocks -> opd_update -> new version -> hot reload ----------------------
@@ -320,6 +321,9 @@ def test_loop_requests_train_publish_and_reload(redis_db: str, settings: Setting
         assert rep["published"] == gate["publish"] and gate["incumbent"] == "hybrid 1", rep
         assert gate["requests"] == 4 and gate["k"] == 4 and gate["low"] is not None
         assert rep["entries"]["count"] >= n_blocks and rep["blocks"]["train_blocks"] > 0
+        # the worker's target forward reproduces serving: its top-1 is the logged one on the emitted rows
+        assert rep["replay"]["rows"] > 0 and rep["replay"]["top1_match"] >= 0.9, rep["replay"]
+        assert rep["train"]["carried_optimizer"] is False  # v1 (a bootstrap head) holds no optimizer state
         # blocks whose drafts came (partly) from prompt lookup are not the head's policy
         assert rep["blocks"]["heldout_blocks"] > 0 and rep["blocks"]["off_policy"] >= 0
         if rep["published"]:  # 5.-6. the server reloads v2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from service.blocklog import BlockRecord
+from service.drafters import eagle3
 from service.drafters.eagle3 import Eagle3Config, Eagle3Drafter, Eagle3Head
 from service.engine import Engine
 from worker.prompts import chat_ids, sharegpt_prompts
@@ -21,9 +22,9 @@ from worker.train.config import OPDConfig
 from worker.train.data import collate_requests, is_heldout, split_heldout
 from worker.train.evaluate import acceptance_beta, evaluate, expected_tau
 from worker.train.features import compute_features
-from worker.train.loop import trainable_copy
-from worker.train.losses import replay_logq, target_logp
-from worker.train.opd import opd_update, train_opd
+from worker.train.loop import OPTIMIZER_FILE, read_optimizer, trainable_copy
+from worker.train.losses import block_accepted, exact_teacher_logp, replay_logq, target_logp
+from worker.train.opd import opd_update, save_update, train_opd
 from worker.train.rollouts import BlockCollector
 
 V = 50  # target vocabulary of the hand-made blocks
@@ -73,6 +74,18 @@ def test_examples_replay_the_served_block_start():
     # target ids mapped onto the draft vocab (even ids < 20 -> id/2), others -1
     assert ex5.top_ids.tolist() == [[2, -1, 3], [3, -1, 4], [4, -1, 5]]
     assert ex5.top_logprobs.shape == (3, 3) and ex5.served_logq == [-0.5, -0.5]
+    # rows on the emitted context (exact teacher): row 0 and one per accepted draft
+    assert (ex5.exact_rows, ex6.exact_rows, ex7.exact_rows) == (2, 1, 1)
+    assert ex5.logged_top1 == [4, 6, 8]  # each row's logged top-1 target id
+
+
+def test_exact_rows_stop_at_a_hole_and_extend_the_context():
+    # a block at 4 with 3 accepted drafts: its exact rows read positions 3..6, so the context is kept to 7
+    recs = [block("a", position=4, draft=(30, 31, 32), accepted=3, nxt=9)]
+    (a,), _ = build_requests(recs, {"a": [1, 2, 3, 5, 30, 31, 32, 9]}, D2T, V, 3)
+    assert a.examples[0].exact_rows == 4 and a.tokens.tolist() == [1, 2, 3, 5, 30, 31, 32]
+    (b,), _ = build_requests(recs, {"a": [1, 2, 3, 5, 30, -1, 32, 9]}, D2T, V, 3)  # the second draft's token is lost
+    assert b.examples[0].exact_rows == 2 and b.tokens.tolist() == [1, 2, 3, 5, 30]
 
 
 def test_context_vocab_follows_the_serving_drafter():
@@ -218,6 +231,66 @@ def test_replay_equals_the_serving_drafter(target, served):
     ev = evaluate(student, greedy)
     assert ev.tau == pytest.approx(ev.served_tau, abs=1e-6) and ev.blocks > 0
     assert 1.0 <= ev.tau_overlap <= 5.0 and all(0.0 <= b <= 1.0 for b in ev.beta)
+    # and its recomputed accept mask is the served one on greedy blocks (the mask reads the head, not the log)
+    with torch.no_grad():
+        for req in greedy:
+            batch = collate_requests([req], torch.device("cpu"), torch.float32)
+            replayed = block_accepted(replay_logq(student, batch), batch, OPDConfig())
+            assert replayed.tolist() == batch.num_accepted.tolist(), req.request_id
+
+
+@pytest.mark.slow
+def test_exact_teacher_rows_are_the_targets(target, served):
+    """The exact rows: the target's own softmax over each block's draft vocab at
+    the emitted positions, and the recomputed top-1 is the logged one."""
+    head, col = served
+    reqs, _ = build_requests(col.records, col.contexts, head.d2t, target.model.cfg.vocab_size, 1, target.model_id)
+    compute_features(target.model, reqs, head.cfg.hidden_layers)
+    match, rows = sum(r.replay_top1[0] for r in reqs), sum(r.replay_top1[1] for r in reqs)
+    assert rows >= sum(r.num_blocks for r in reqs) and match == rows  # float32 replay: every top-1 as logged
+    # teacher-forced anchors (the random-anchor ablation): every row of a block is on the emitted context
+    forced, _ = build_requests(
+        col.records, col.contexts, head.d2t, target.model.cfg.vocab_size, 1, target.model_id, OPDConfig(anchors="random")
+    )
+    compute_features(target.model, forced, head.cfg.hidden_layers)
+    assert sum(r.replay_top1[0] for r in forced) == sum(r.replay_top1[1] for r in forced) > sum(r.num_blocks for r in forced)
+    req = forced[0]
+    batch = collate_requests([req], torch.device("cpu"), torch.float32)
+    student = trainable_copy(head, target.model)
+    n_idx, s_idx, logp = exact_teacher_logp(batch, student.frozen.lm_rows, None)
+    assert n_idx.numel() == sum(min(ex.exact_rows, ex.num_draft + 1) for ex in req.examples) > len(req.examples)
+    with torch.no_grad():
+        for i, (n, j) in enumerate(zip(n_idx.tolist(), s_idx.tolist())):
+            ex = req.examples[n]
+            logits = target.model.lm_head(req.final[ex.position - 1 + j])  # (V,) the target at the emitted position
+            ids = torch.cat([head.d2t, req.ctx_ids])
+            torch.testing.assert_close(logp[i], torch.log_softmax(logits[ids].float(), -1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_optimizer_state_travels_with_the_version(target, served, tmp_path):
+    head, col = served
+    cfg = OPDConfig(epochs=4, warmup_steps=2, batch_tokens=512, fast_bf16=False, heldout_fraction=0.25)
+    first = opd_update(head, target.model, col.records, col.contexts, 1, target.model_id, cfg)
+    assert not first.train.carried_optimizer and first.train.optimizer
+    lrs = [h["lr"] for h in first.train.history]  # warm-up from fresh, then a cosine decay over the update
+    assert lrs[0] == pytest.approx(cfg.lr / 2) and max(lrs) == pytest.approx(cfg.lr) and lrs[-1] < 0.9 * cfg.lr
+    assert first.replay["rows"] > 0 and first.replay["top1_match"] == 1.0
+    path = save_update(first, tmp_path, target.model_id, 1, {})
+    manifest = eagle3.read_manifest(path)
+    assert manifest["optimizer_file"] == OPTIMIZER_FILE and (path / OPTIMIZER_FILE).is_file()
+    eagle3.load_head(path, target.model, target.model_id)  # servers load the version as before
+    state = read_optimizer(path, manifest)
+    assert state is not None and state.keys() == first.train.optimizer.keys()
+    second = opd_update(head, target.model, col.records, col.contexts, 1, target.model_id, cfg, optimizer_state=state)
+    assert second.train.carried_optimizer and second.train.history[0]["lr"] == pytest.approx(cfg.lr)  # no warm-up
+    steps = [k for k in state if k.endswith(".step")]
+    assert all(float(second.train.optimizer[k]) == float(state[k]) + second.train.steps for k in steps)
+    # a state that does not fit (another shape), or a file whose hash is not the manifest's: AdamW starts fresh
+    bad = {k: (v[:1] if v.dim() else v) for k, v in state.items()}
+    assert not train_opd(trainable_copy(head, target.model), [], cfg, optimizer_state=bad).carried_optimizer
+    (path / OPTIMIZER_FILE).write_bytes(b"x" + (path / OPTIMIZER_FILE).read_bytes()[1:])
+    assert read_optimizer(path, manifest) is None
 
 
 @pytest.mark.slow
@@ -253,3 +326,25 @@ def test_opd_update_end_to_end(target, served):
         res = opd_update(head, target.model, col.records, col.contexts, 1, target.model_id, OPDConfig(epochs=1, fast_bf16=False, **kw))
         assert res.train.steps >= 1 and all(np.isfinite(h["loss"]) for h in res.train.history), kw
         assert res.after.blocks == out.after.blocks  # always evaluated on the served held-out blocks
+
+
+@pytest.mark.slow
+def test_rollouts_draft_full_k_greedily(target, served):
+    """Benchmark rollouts decode as the greedy evaluation does: every block drafts
+    all K (no confidence stop) at temperature 0; the drafter's own rule comes back."""
+    from worker.train.rollouts import serve_for_blocks
+
+    head, _ = served
+    drafter = Eagle3Drafter(head, target.model, version="1")
+    drafter.min_confidence = 0.9  # an untrained head is rarely this sure: served, it stops early
+    prompt = chat_ids(target.tokenizer, sharegpt_prompts("train", limit=1)[0])
+    params = SamplingParams(temperature=1.0, max_tokens=20)
+    col, stats = serve_for_blocks(target, drafter, 4, [prompt], params, 0, "roll")
+    drafted = [r for r in col.records if r.num_draft > 0]
+    assert stats["greedy_eval"] and all(r.temperature == 0.0 for r in col.records)
+    # after the prefill step (nothing drafted), every step drafts what the engine allows: K, less near max_tokens
+    room = [min(4, 20 - (r.position - len(prompt)) - 1) for r in col.records[1:]]
+    assert len(drafted) >= 3 and [r.num_draft for r in col.records[1:]] == room
+    assert drafter.min_confidence == 0.9
+    stopped, _ = serve_for_blocks(target, drafter, 4, [prompt], params, 0, "served", greedy_eval=False)
+    assert any(0 < r.num_draft < 4 for r in stopped.records) or any(r.num_draft == 0 for r in stopped.records)

@@ -1,5 +1,6 @@
-"""Draft-OPD loss: vectorised == loop reference, a hand-computed case, the
-ablation switches, the sparse-target densifier, and gradients."""
+"""Draft-OPD loss: vectorised == loop reference (both poolings), a
+hand-computed case, the ablation switches, the sparse-target densifier,
+gradients, and the accept mask of the head being trained."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from math import log
 import pytest
 import torch
 
-from worker.train.losses import densify_topk, forward_kl, opd_loss, opd_loss_reference, reverse_kl
+from worker.train.losses import (
+    densify_topk,
+    forward_kl,
+    opd_loss,
+    opd_loss_reference,
+    replay_accepted,
+    reverse_kl,
+    teacher_top1,
+)
 
 
 def _random_batch(g: torch.Generator, B: int = 5, K: int = 4, V: int = 9, sparse: bool = False):
@@ -27,23 +36,23 @@ def _random_batch(g: torch.Generator, B: int = 5, K: int = 4, V: int = 9, sparse
 
 
 @pytest.mark.parametrize(
-    "mode,gamma,sparse",
-    list(itertools.product(["opd", "forward_kl_all", "reverse_kl_all"], [0.8, 1.0], [False, True])),
+    "mode,gamma,sparse,pool",
+    list(itertools.product(["opd", "forward_kl_all", "reverse_kl_all"], [0.8, 1.0], [False, True], ["token", "stream"])),
 )
-def test_vectorised_matches_reference(mode: str, gamma: float, sparse: bool) -> None:
+def test_vectorised_matches_reference(mode: str, gamma: float, sparse: bool, pool: str) -> None:
     g = torch.Generator().manual_seed(hash((mode, gamma, sparse)) % 2**31)
     for _ in range(3):
         q, p, n, k = _random_batch(g, sparse=sparse)
         bw = torch.rand(q.shape[0], generator=g)
-        for kwargs in ({}, {"block_weight": bw}, {"lam_acc": 2.0, "lam_rej": 0.5}):
-            fast = opd_loss(q, p, p, n, k, gamma=gamma, mode=mode, **kwargs)
-            ref = opd_loss_reference(q, p, p, n, k, gamma=gamma, mode=mode, **kwargs)
+        for kwargs in ({}, {"block_weight": bw}, {"lam_acc": 2.0, "lam_rej": 0.5}, {"lam_rej": 0.0}):
+            fast = opd_loss(q, p, p, n, k, gamma=gamma, mode=mode, pool=pool, **kwargs)
+            ref = opd_loss_reference(q, p, p, n, k, gamma=gamma, mode=mode, pool=pool, **kwargs)
             for a, b in zip(fast, ref, strict=True):
                 torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["opd", "forward_kl_all", "reverse_kl_all"])
-def test_separate_stream_targets(mode: str) -> None:
+@pytest.mark.parametrize("mode,pool", list(itertools.product(["opd", "forward_kl_all", "reverse_kl_all"], ["token", "stream"])))
+def test_separate_stream_targets(mode: str, pool: str) -> None:
     """Each stream reads its own target: one call with (p_acc, p_rej) gives the
     accepted stream of a call on p_acc alone and the rejected stream of a call
     on p_rej alone, and matches the reference."""
@@ -51,11 +60,12 @@ def test_separate_stream_targets(mode: str) -> None:
     q, p_acc, n, k = _random_batch(g)
     p_rej = _random_batch(g, sparse=True)[1]
     bw = torch.rand(q.shape[0], generator=g)
-    kw = dict(mode=mode, block_weight=bw, lam_acc=2.0, lam_rej=0.5)
+    kw = dict(mode=mode, block_weight=bw, lam_acc=2.0, lam_rej=0.5, pool=pool)
     both = opd_loss(q, p_acc, p_rej, n, k, **kw)
     torch.testing.assert_close(both.loss_acc, opd_loss(q, p_acc, p_acc, n, k, **kw).loss_acc)
     torch.testing.assert_close(both.loss_rej, opd_loss(q, p_rej, p_rej, n, k, **kw).loss_rej)
-    torch.testing.assert_close(both.loss, (2.0 * both.loss_acc + 0.5 * both.loss_rej) / 2.5)
+    if pool == "stream":
+        torch.testing.assert_close(both.loss, (2.0 * both.loss_acc + 0.5 * both.loss_rej) / 2.5)
     for a, b in zip(both, opd_loss_reference(q, p_acc, p_rej, n, k, **kw), strict=True):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)
 
@@ -89,7 +99,12 @@ def test_hand_computed_value() -> None:
         out = fn(*_tiny())
         assert out.loss_acc.item() == pytest.approx(l_acc, rel=1e-5)
         assert out.loss_rej.item() == pytest.approx(l_rej, rel=1e-5)
-        assert out.loss.item() == pytest.approx((l_acc + l_rej) / 2, rel=1e-5)
+        # pooled by token (the default): 3 accepted rows of weight 1, rejected rows of weight 0.8 + 1 + 0.8
+        assert out.loss.item() == pytest.approx((3 * l_acc + 2.6 * l_rej) / 5.6, rel=1e-5)
+        # pooled by stream: the mean of the two streams' means
+        assert fn(*_tiny(), pool="stream").loss.item() == pytest.approx((l_acc + l_rej) / 2, rel=1e-5)
+        # λ_rej = 0 (the official EAGLE-3 recipe's): the accepted stream alone
+        assert fn(*_tiny(), lam_rej=0.0).loss.item() == pytest.approx(l_acc, rel=1e-5)
 
 
 def test_ablation_switches() -> None:
@@ -103,12 +118,18 @@ def test_ablation_switches() -> None:
     rev_all = opd_loss(*_tiny(), mode="reverse_kl_all")
     assert rev_all.loss_acc.item() == pytest.approx((REV0 + REV1 + REV0) / 3, rel=1e-5)
     assert rev_all.loss_rej.item() == pytest.approx(base.loss_rej.item())
-    weighted = opd_loss(*_tiny(), lam_acc=3.0, lam_rej=1.0)
+    weighted = opd_loss(*_tiny(), lam_acc=3.0, lam_rej=1.0, pool="stream")
     assert weighted.loss.item() == pytest.approx(
         (3 * base.loss_acc.item() + base.loss_rej.item()) / 4, rel=1e-5
     )
+    by_token = opd_loss(*_tiny(), lam_acc=3.0, lam_rej=1.0)  # λ scales each row's weight
+    assert by_token.loss.item() == pytest.approx(
+        (3 * 3 * base.loss_acc.item() + 2.6 * base.loss_rej.item()) / (9 + 2.6), rel=1e-5
+    )
     with pytest.raises(ValueError, match="mode"):
         opd_loss(*_tiny(), mode="sft")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="pool"):
+        opd_loss(*_tiny(), pool="block")  # type: ignore[arg-type]
 
 
 def test_all_accepted_and_empty_blocks() -> None:
@@ -119,7 +140,9 @@ def test_all_accepted_and_empty_blocks() -> None:
     assert out.loss_rej.item() == 0.0
     fwd2 = 0.3 * log(0.3 / 0.6) + 0.7 * log(0.7 / 0.4)
     assert out.loss_acc.item() == pytest.approx((FWD0 + FWD1 + fwd2) / 3, rel=1e-5)
-    assert out.loss.item() == pytest.approx(out.loss_acc.item() / 2, rel=1e-5)  # (λ·L_acc + λ·0) / 2λ
+    assert out.loss.item() == pytest.approx(out.loss_acc.item(), rel=1e-5)  # no rejected row: the accepted mean
+    stream = opd_loss(q, p, p, torch.tensor([2, 2]), k, pool="stream")
+    assert stream.loss.item() == pytest.approx(out.loss_acc.item() / 2, rel=1e-5)  # (λ·L_acc + λ·0) / 2λ
     k0 = opd_loss(q, p, p, torch.tensor([0, 0]), torch.tensor([0, 0]))  # K = 0 blocks: only the target's own row
     assert k0.loss_acc.item() == pytest.approx(FWD0, rel=1e-5) and k0.loss_rej.item() == 0.0
     with pytest.raises(ValueError):
@@ -175,3 +198,31 @@ def test_descent_reduces_loss() -> None:
         with torch.no_grad():
             logits -= 20.0 * grad  # the loss is a mean over ~30 rows: per-row gradients are small
     assert opd_loss(logits.log_softmax(-1), p, p, n, k).loss.item() < 0.2 * first
+
+
+# ---- the accept mask of the head being trained ------------------------------------------
+
+
+def test_teacher_top1_is_the_logged_argmax() -> None:
+    ids = torch.tensor([[[3, 1, -1], [-1, 2, -2], [-2, -2, -2]]])  # row 1: top-1 outside the draft vocab
+    lp = torch.tensor([[[0.2, 0.5, 0.1], [0.6, 0.3, 0.0], [0.0, 0.0, 0.0]]]).log()
+    assert teacher_top1(ids, lp).tolist() == [[1, -1, -1]]
+
+
+def test_replay_accepted_is_the_leading_agreement() -> None:
+    # 3 blocks, K = 3: argmax q per row below; the teacher's choice per row in `top1`
+    q = torch.full((3, 4, 5), -5.0)
+    for b, row in enumerate([[0, 1, 2, 3], [0, 4, 2, 3], [1, 1, 2, 3]]):
+        for j, v in enumerate(row):
+            q[b, j, v] = 0.0
+    top1 = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3], [-1, 1, 2, 3]])
+    # block 0: every draft agrees (3, the bonus row 3 is not a draft); block 1: a mismatch at row 1
+    # stops the count even though row 2 agrees again; block 2: teacher outside the draft vocab at row 0
+    assert replay_accepted(q, top1, torch.tensor([3, 3, 3])).tolist() == [3, 1, 0]
+    assert replay_accepted(q, top1, torch.tensor([2, 0, 3])).tolist() == [2, 0, 0]  # only drafted rows count
+    # the loss on that prefix: fast == reference
+    p = torch.log_softmax(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0)), -1)
+    n = replay_accepted(q, top1, torch.tensor([3, 3, 3]))
+    k = torch.tensor([3, 3, 3])
+    for a, b in zip(opd_loss(q.log_softmax(-1), p, p, n, k), opd_loss_reference(q.log_softmax(-1), p, p, n, k), strict=True):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-5, atol=1e-6)

@@ -36,7 +36,13 @@ too_short, off_policy, undecodable, train_blocks, train_requests,
 heldout_blocks, heldout_requests}, loss {epochs, first, last, heldout_before,
 heldout_after}, tau_before, tau_after, eval {before, after}, gate (the
 decision: `worker.train.gate.GateResult`, with its interval), train {steps,
-seconds, stopped_early}, config.
+seconds, stopped_early, carried_optimizer}, replay {rows, top1_match: the
+recomputed target's top-1 vs the logged one on the rows of the emitted
+context}, config.
+
+The AdamW state travels with the versions: a published version holds
+`optimizer.safetensors` (sha256 in its manifest), and the next update resumes
+from the serving version's when it is there and fits (else fresh, logged).
 
 Settings: DRAFTLOOP_REDIS_URL, _CHECKPOINT_DIR, _BLOCK_STREAM, _OPD_MIN_BLOCKS,
 _TARGET_MODEL (and the rest of the target's), _OPD_TRAIN (a JSON object of
@@ -65,6 +71,7 @@ from .app import TASK_SOFT_TIME_LIMIT_S
 from . import bootstrap
 from .publish_gate import publish_decision
 from .train.config import OPDConfig, SFTConfig
+from .train.loop import read_optimizer
 from .train.opd import opd_update as run_opd, save_update
 from .reports import latest_report, write_report
 
@@ -131,10 +138,12 @@ def _now() -> str:
 # the serving version and the bootstrap
 
 
-def current_checkpoint(r: redis.Redis, settings: Settings, target: Target) -> tuple[int, eagle3.Eagle3Head] | None:
-    """(version, head) the servers serve: the pointer's version; without a
-    usable pointer, the newest version on disk that loads for this target
-    (published when there was no pointer, so the servers have one to follow)."""
+def current_checkpoint(
+    r: redis.Redis, settings: Settings, target: Target
+) -> tuple[int, eagle3.Eagle3Head, Path] | None:
+    """(version, head, its directory) the servers serve: the pointer's version;
+    without a usable pointer, the newest version on disk that loads for this
+    target (published when there was no pointer, so the servers have one to follow)."""
     pointer = checkpoints.read_pointer(r)
 
     def load(path: Path) -> eagle3.Eagle3Head:
@@ -145,7 +154,7 @@ def current_checkpoint(r: redis.Redis, settings: Settings, target: Target) -> tu
         return None
     if pointer is None:  # servers have nothing to follow yet: point them at it
         checkpoints.publish_version(r, found.version, found.path)
-    return found.version, found.value
+    return found.version, found.value, found.path
 
 
 def _bootstrap_tick(
@@ -193,7 +202,7 @@ def run_update(
     if current is None:  # the bootstrap is spent and the gate refused every head it trained
         log.warning("opd: no eagle3 version was ever published; raise DRAFTLOOP_SFT_BOOTSTRAP's train_minutes to train on")
         return {"status": "no_drafter", "bootstrap_spent": True}
-    version, head = current
+    version, head, path = current
 
     consumer = BlockConsumer(r, stream, GROUP, CONSUMER)
     not_now = _nothing_to_train(consumer, settings, version)
@@ -204,8 +213,9 @@ def run_update(
     batch = _read_batch(consumer, version)
 
     cfg = opd_config(settings)
+    opt_state = read_optimizer(path, checkpoints.read_manifest(path)) if cfg.carry_optimizer else None
     result = run_opd(
-        head, target.model, batch.records, batch.contexts, version, target.model_id, cfg, progress
+        head, target.model, batch.records, batch.contexts, version, target.model_id, cfg, progress, opt_state
     )
     report = _opd_report(result, batch, cfg, version, target.model_id, started, stream)
     report_version = _publish_if_better(r, settings, target, result, batch, report, cfg, progress)
@@ -308,7 +318,9 @@ def _opd_report(
             "steps": result.train.steps,
             "seconds": round(result.train.seconds, 2),
             "stopped_early": result.train.stopped_early,
+            "carried_optimizer": result.train.carried_optimizer,
         },
+        "replay": result.replay,
         "config": asdict(cfg),
     }
 

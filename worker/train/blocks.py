@@ -1,7 +1,10 @@
 """Draft-OPD examples from block records: group usable blocks by request, with
 the context tokens each replay needs, each block's target top-k mapped onto
 its draft vocabulary (the static map plus the request's context vocabulary),
-and the off-policy weights. The replay rule is in `worker.train.opd`."""
+the off-policy weights, and which of its rows lie on the emitted context (the
+served accepted drafts and the row after them: there the target's exact
+distribution is recomputed, `BlockExample.exact_rows`). The replay rule is in
+`worker.train.opd`."""
 
 from __future__ import annotations
 
@@ -201,7 +204,9 @@ def _with_context(
 ) -> RequestBlocks:
     """The request's context vocabulary, and each example's target ids mapped onto
     its draft vocab. rows[i]: example i's top-k target ids."""
-    end = max(ex.position for ex in examples)  # every block reads tokens[:P] (its anchor P-2, pending token P-1)
+    # every block reads tokens[:P] (its anchor P-2, pending token P-1); its exact rows
+    # read the target's final hidden at positions P-1..P-2+exact_rows
+    end = max(ex.position - 1 + ex.exact_rows for ex in examples)
     tokens = tokens[:end]
     static_size = int((t2d >= 0).sum())
     ctx_ids, ctx_first = context_vocab(tokens, set(torch.nonzero(t2d >= 0).flatten().tolist())) if cfg.context_vocab else ([], [])
@@ -215,6 +220,19 @@ def _with_context(
         ctx_ids=torch.tensor(ctx_ids, dtype=torch.long),
         ctx_first=torch.tensor(ctx_first, dtype=torch.long),
     )
+
+
+def logged_top1(top_ids: Sequence[Sequence[int]], top_logprobs: Sequence[Sequence[float]]) -> list[int]:
+    """Each row's logged top-1 target id (the verifier's argmax), -1 for an empty row."""
+    return [int(ids[int(np.argmax(lps))]) if len(ids) else -1 for ids, lps in zip(top_ids, top_logprobs)]
+
+
+def exact_rows(tokens: np.ndarray, position: int, num_accepted: int) -> int:
+    """Rows of a block at `position` on the emitted context: row 0 (the prefix is
+    known) and one more per accepted draft whose token the context holds."""
+    accepted = tokens[position : position + num_accepted]
+    known = int(np.argmax(accepted < 0)) if (accepted < 0).any() else len(accepted)
+    return 1 + known
 
 
 def _served_request(rid: str, blocks: dict[int, BlockRecord], tokens: np.ndarray, build: _Build) -> RequestBlocks | None:
@@ -238,6 +256,8 @@ def _served_request(rid: str, blocks: dict[int, BlockRecord], tokens: np.ndarray
                 drafter_version=rec.drafter_version,
                 served_logq=list(rec.draft_logprobs),
                 temperature=rec.temperature,
+                exact_rows=exact_rows(tokens, pos, rec.num_accepted),
+                logged_top1=logged_top1(rec.target_top_ids, rec.target_top_logprobs),
             )
         )
         rows.append(rec.target_top_ids)
@@ -286,6 +306,8 @@ def _random_anchor_request(rid: str, blocks: dict[int, BlockRecord], tokens: np.
                 weight=min(x[2] for x in row),
                 position=a + 2,
                 drafter_version="teacher",
+                exact_rows=k + 1,  # teacher-forced on the emitted tokens: every row
+                logged_top1=logged_top1([x[0] for x in row], [x[1] for x in row]),
             )
         )
     build.stats.used += len(examples)

@@ -21,6 +21,10 @@ Mode = Literal["opd", "forward_kl_all", "reverse_kl_all"]
 MODES: tuple[str, ...] = typing.get_args(Mode)
 Anchors = Literal["served", "random"]
 Tail = Literal["auto", "spread"]
+Pool = Literal["token", "stream"]
+POOLS: tuple[str, ...] = typing.get_args(Pool)
+Accept = Literal["current", "served"]
+Teacher = Literal["exact", "logged"]
 
 
 class _Validated:
@@ -38,14 +42,20 @@ class _Validated:
 @dataclass
 class OPDConfig(_Validated):
     epochs: int = 2  # passes over the training blocks
-    lr: float = 3e-4  # Adam, constant after a short warm-up
-    warmup_steps: int = 5
+    lr: float = 3e-4  # AdamW peak; cosine decay to 10% over the update's steps (worker.train.loop.cosine_lr)
+    warmup_steps: int = 5  # linear warm-up, only when the optimizer starts fresh (no carried state)
+    carry_optimizer: bool = True  # resume AdamW's moments from the serving version's optimizer file, when compatible
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_tokens: int = 2048  # padded requests x context length per optimizer step
     gamma: float = 0.8  # rejected-stream decay γ^(slot-1)
     lam_acc: float = 1.0
+    # Weight of the rejected stream. 1.0 here (the paper's λ_rej); 0 is the official
+    # EAGLE-3 recipe's (forward KL on the accepted rows only).
     lam_rej: float = 1.0
+    pool: Pool = "token"  # "token": one token-weighted mean over both streams' rows; "stream": mean of the two means
+    accept: Accept = "current"  # accepted prefix from the head being trained ("served": the logged num_accepted)
+    teacher: Teacher = "exact"  # rows on the emitted context: the target's exact distribution ("logged": top-k)
     mode: Mode = "opd"  # "opd" | "forward_kl_all" | "reverse_kl_all" (ablations)
     anchors: Anchors = "served"  # "random": ablation, see worker.train.opd
     offpolicy_decay: float = 0.5  # weight of a block drafted `age` versions ago: decay ** age

@@ -159,6 +159,10 @@ class BlockExample:
     drafter_version: str
     served_logq: list[float] = field(default_factory=list)  # (K,) log q the serving drafter logged
     temperature: float = 0.0  # the request's sampling temperature (for the evaluation)
+    # rows 0..exact_rows-1 lie on the emitted context (row j at position P-1+j): the
+    # target's exact distribution there is one LM-head product of its final hidden
+    exact_rows: int = 1
+    logged_top1: list[int] = field(default_factory=list)  # (K+1,) target id of each row's logged top-1 (replay check)
 
 
 @dataclass
@@ -172,6 +176,8 @@ class RequestBlocks:
     ctx_first: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # (C,) first position of each
     features: Tensor | None = None  # (T, 3d) target taps at the head's layers
     ctx_rows: Tensor | None = None  # (C, d) the target's LM-head rows of ctx_ids
+    final: Tensor | None = None  # (T, d) the target's final normed hidden (exact teacher rows)
+    replay_top1: tuple[int, int] = (0, 0)  # (exact rows whose recomputed argmax is the logged top-1, exact rows)
 
     @property
     def num_blocks(self) -> int:
@@ -227,6 +233,8 @@ class ReplayBatch:
     temperature: Tensor  # (N,)
     ctx_rows: Tensor  # (B, C, d) LM-head rows of each request's context vocab (C = the largest; padded)
     ctx_valid: Tensor  # (N, C) bool: context id j was in block n's draft vocab
+    exact_final: Tensor  # (R, d) the target's final hidden at the blocks' rows on the emitted context
+    exact_index: Tensor  # (N, S) int64: row of exact_final for block n's row j, -1 where only the logged top-k
 
 
 def _pad_requests(requests: Sequence[RequestBlocks], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -244,6 +252,25 @@ def _pad_requests(requests: Sequence[RequestBlocks], device: torch.device, dtype
             ctx_rows[i, : r.ctx_ids.numel()] = r.ctx_rows.to(device=device, dtype=dtype)
     valid = torch.arange(t)[None, :] < torch.tensor([r.tokens.numel() for r in requests])[:, None]
     return feats, toks, valid, ctx_rows
+
+
+def _exact_rows(requests: Sequence[RequestBlocks], steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """-> (final hidden (R, d) at every block row on the emitted context, (N, S)
+    index into it, -1 elsewhere). Needs `final` (`compute_features`)."""
+    n_blocks = sum(r.num_blocks for r in requests)
+    index = torch.full((n_blocks, steps), -1, dtype=torch.long)
+    parts, n, count = [], 0, 0
+    for r in requests:
+        for ex in r.examples:
+            rows = min(ex.exact_rows, ex.num_draft + 1) if r.final is not None else 0
+            if rows > 0:
+                parts.append(r.final[ex.position - 1 : ex.position - 1 + rows])
+                index[n, :rows] = torch.arange(count, count + rows)
+                count += rows
+            n += 1
+    width = next((r.final.shape[-1] for r in requests if r.final is not None), 0)
+    final = torch.cat(parts).to(device=device, dtype=torch.float32) if parts else torch.zeros(0, width, device=device)
+    return final, index.to(device)
 
 
 def collate_requests(requests: Sequence[RequestBlocks], device: torch.device, dtype: torch.dtype) -> ReplayBatch:
@@ -279,4 +306,5 @@ def collate_requests(requests: Sequence[RequestBlocks], device: torch.device, dt
         torch.tensor(cols["temp"], dtype=torch.float32),
         ctx_rows,
         torch.stack(cols["ctx_valid"]).to(device) if num_ctx else torch.zeros(n_blocks, 0, dtype=torch.bool, device=device),
+        *_exact_rows(requests, steps, device),
     )

@@ -25,7 +25,7 @@ from service.drafters.eagle3 import Eagle3Head
 
 from .config import OPDConfig
 from .data import RequestBlocks, collate_requests, request_batches
-from .losses import blocks_loss, replay_logq
+from .losses import blocks_loss, replay_logq, teacher_top1
 
 
 @dataclass
@@ -72,9 +72,8 @@ def acceptance_beta(
     lp_valid = torch.where(ids >= -1, lp, torch.full_like(lp, float("-inf")))  # every logged id
     p_t = torch.where((temp_rows == 1.0), lp_valid.exp(), torch.softmax(lp_valid / temp_rows, dim=-1))
     overlap = torch.where(valid, torch.minimum(p_t, q_t), torch.zeros_like(q_t)).sum(-1)
-    top1 = lp_valid.argmax(-1, keepdim=True)  # the target's argmax among the logged ids
-    top1_draft = ids.gather(-1, top1).squeeze(-1)  # -1 when it is outside the draft vocab
-    greedy = (logq.argmax(-1) == top1_draft).float()
+    top1_draft = teacher_top1(ids, lp)  # the target's argmax among the logged ids; -1 outside the draft vocab
+    greedy = ((logq.argmax(-1) == top1_draft) & (top1_draft >= 0)).float()
     return torch.where((temp == 0)[:, None], greedy, overlap)
 
 
@@ -134,7 +133,7 @@ def evaluate(head: Eagle3Head, requests: Sequence[RequestBlocks], cfg: OPDConfig
         totals.beta_sum = _pad_add(totals.beta_sum, (beta * rows).sum(0))
         totals.beta_cnt = _pad_add(totals.beta_cnt, rows.sum(0))
         n = int(drafted.sum())
-        totals.loss_sum += float(blocks_loss(logq, batch, cfg, weighted=False).loss) * n
+        totals.loss_sum += float(blocks_loss(logq, batch, cfg, head.frozen.lm_rows, weighted=False).loss) * n
         totals.loss_w += n
     head.train(was_training)
     return totals.result()

@@ -1,6 +1,7 @@
 """Target features for the trainers, from the target's padded batched forward
 (`service.llama.batched_forward`): greedy SFT trajectories with their taps and
-final hidden states, and the taps of Draft-OPD request contexts."""
+final hidden states, and the taps and final hidden states of Draft-OPD request
+contexts (with the check that the recomputed target matches the logged one)."""
 
 from __future__ import annotations
 
@@ -87,8 +88,9 @@ def compute_features(
     model: LlamaModel, requests: Sequence[RequestBlocks], hidden_layers: Sequence[int], fast_bf16: bool = False
 ) -> None:
     """One target forward per request over its context; fills `features` (T, 3d)
-    with the residual streams after `hidden_layers` (the serving taps) and
-    `ctx_rows`, the LM-head rows of the request's context vocabulary."""
+    with the residual streams after `hidden_layers` (the serving taps), `final`
+    (T, d), the final normed hidden (the exact teacher rows), `ctx_rows`, the
+    LM-head rows of the request's context vocabulary, and `replay_top1`."""
     layers = tuple(hidden_layers)
     for req in requests:
         if req.features is not None:
@@ -96,9 +98,28 @@ def compute_features(
         ids = req.tokens.to(model.device)[None, :]  # (1, T)
         k_cache, v_cache = new_padded_cache(model, 1, ids.shape[1])
         with autocast(model.device, fast_bf16):
-            _, taps = batched_forward(model, ids, k_cache, v_cache, 0, torch.zeros(1, dtype=torch.long, device=model.device), layers)
+            final, taps = batched_forward(model, ids, k_cache, v_cache, 0, torch.zeros(1, dtype=torch.long, device=model.device), layers)
         req.features = taps[0].to(model.dtype)
+        req.final = final[0].to(model.dtype)
         req.ctx_rows = model.lm_head.weight.detach()[req.ctx_ids.to(model.device)]
+        req.replay_top1 = replay_top1(model, req)
+
+
+def replay_top1(model: LlamaModel, req: RequestBlocks) -> tuple[int, int]:
+    """Replay matches serving: of the blocks' exact rows (on the emitted context),
+    how many have the recomputed target argmax over the whole vocabulary equal
+    to the logged top-1 -> (matching rows, rows). Rows logging no top-1 are left out."""
+    pos, want = [], []
+    for ex in req.examples:
+        for j in range(min(ex.exact_rows, ex.num_draft + 1, len(ex.logged_top1))):
+            if ex.logged_top1[j] >= 0:
+                pos.append(ex.position - 1 + j)
+                want.append(ex.logged_top1[j])
+    if not pos:
+        return 0, 0
+    rows = req.final[torch.tensor(pos, device=req.final.device)]
+    top = torch.cat([model.lm_head(chunk).argmax(-1) for chunk in rows.split(256)])  # (R,) over the full V, in chunks
+    return int((top.cpu() == torch.tensor(want)).sum()), len(pos)
 
 
 @torch.inference_mode()

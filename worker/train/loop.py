@@ -1,23 +1,31 @@
 """What the SFT and Draft-OPD training loops share: bf16 autocast where it is
 fast, the AdamW optimizer and its LR schedules, one optimizer step, the
-resumable optimizer state, and a float32 trainable copy of a head."""
+resumable optimizer state (the SFT bootstrap's state directory; the AdamW
+moments a Draft-OPD version carries in its `optimizer.safetensors`), and a
+float32 trainable copy of a head."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from service.drafters.eagle3 import Eagle3Head, FrozenTarget
-from service.fileutil import write_text_atomic
+from service.fileutil import sha256_file, write_text_atomic
 from service.llama import LlamaModel
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER_FILE = "optimizer.safetensors"  # AdamW moments beside a version's weights (not read by servers)
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -56,11 +64,6 @@ def make_optimizer(head: Eagle3Head, cfg, output_lr_scale: float = 1.0) -> torch
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
 
 
-def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up, then constant (Draft-OPD)."""
-    return lr * min(1.0, (step + 1) / max(1, warmup_steps))
-
-
 def cosine_lr(step: int, frac: float, lr: float, warmup_steps: int) -> float:
     """Linear warm-up over `warmup_steps`, then a cosine decay to 10% of `lr` as
     `frac` (the spent fraction of the budget after the warm-up) goes 0 -> 1."""
@@ -70,7 +73,7 @@ def cosine_lr(step: int, frac: float, lr: float, warmup_steps: int) -> float:
 
 
 def warmup_cosine_lr(step: int, lr: float, warmup_steps: int, total_steps: int) -> float:
-    """`cosine_lr` over a budget of `total_steps` optimizer steps (SFT)."""
+    """`cosine_lr` over a budget of `total_steps` optimizer steps (SFT; Draft-OPD over an update's planned steps)."""
     return cosine_lr(step, (step - warmup_steps) / max(1, total_steps - warmup_steps), lr, warmup_steps)
 
 
@@ -92,13 +95,61 @@ def optimizer_step(
     return grad_norm
 
 
+def optimizer_tensors(head: Eagle3Head, opt: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """AdamW's per-parameter state by parameter name: `<name>.<key>` (step, exp_avg, exp_avg_sq)."""
+    index = {id(p): n for n, p in head.named_parameters()}
+    out = {}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            out[f"{index[id(p)]}.{k}"] = v.detach().reshape(-1).cpu() if v.dim() == 0 else v.detach().contiguous().cpu()
+    return out
+
+
+def load_optimizer_tensors(head: Eagle3Head, opt: torch.optim.Optimizer, tensors: Mapping[str, Tensor]) -> str | None:
+    """`optimizer_tensors` back into `opt` -> None, or why they do not fit (then
+    `opt` is untouched): every trainable parameter needs its moments, of its shape."""
+    loaded = {}
+    for name, p in head.named_parameters():
+        if not p.requires_grad:
+            continue
+        st = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.") and "." not in k.removeprefix(f"{name}.")}
+        if set(st) != {"step", "exp_avg", "exp_avg_sq"}:
+            return f"no AdamW state for {name}"
+        if st["exp_avg"].shape != p.shape or st["exp_avg_sq"].shape != p.shape:
+            return f"{name}: state of shape {tuple(st['exp_avg'].shape)}, the parameter is {tuple(p.shape)}"
+        # copies: AdamW updates its state in place, and the caller's tensors must stay as given
+        loaded[p] = {"step": st["step"].reshape(()).float().clone(), **{k: st[k].to(p, copy=True) for k in ("exp_avg", "exp_avg_sq")}}
+    for p, st in loaded.items():
+        opt.state[p] = st
+    return None
+
+
+def write_optimizer(tensors: Mapping[str, Tensor], directory: Path) -> dict[str, Any]:
+    """Write a version's `OPTIMIZER_FILE` into `directory` (a version being saved)
+    -> the manifest fields naming it and its sha256."""
+    path = Path(directory) / OPTIMIZER_FILE
+    save_file(dict(tensors), str(path))
+    return {"optimizer_file": OPTIMIZER_FILE, "optimizer_sha256": sha256_file(path)}
+
+
+def read_optimizer(directory: Path, manifest: Mapping[str, Any]) -> dict[str, Tensor] | None:
+    """A version's AdamW state, when its file is there and its sha256 is the
+    manifest's; None otherwise (logged: the update then starts AdamW fresh)."""
+    name = manifest.get("optimizer_file")
+    path = Path(directory) / str(name or OPTIMIZER_FILE)
+    if not name or not path.is_file():
+        log.info("opd: %s has no optimizer state; AdamW starts fresh", directory)
+        return None
+    if sha256_file(path) != manifest.get("optimizer_sha256"):
+        log.warning("opd: %s does not match its manifest's sha256; AdamW starts fresh", path)
+        return None
+    return load_file(str(path))
+
+
 def save_state(path: Path, head: Eagle3Head, opt: torch.optim.Optimizer, meta: dict) -> None:
     """Head weights + AdamW moments in safetensors, counters in JSON; atomic."""
     tensors = {f"head.{k}": v.detach().contiguous() for k, v in head.state_dict().items()}
-    index = {id(p): n for n, p in head.named_parameters()}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            tensors[f"opt.{index[id(p)]}.{k}"] = v.detach().reshape(-1) if v.dim() == 0 else v.detach().contiguous()
+    tensors.update({f"opt.{k}": v for k, v in optimizer_tensors(head, opt).items()})
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / "state.safetensors.tmp"
     save_file(tensors, str(tmp))

@@ -1,24 +1,35 @@
 """The trainers' objectives as tensor functions: the Draft-OPD loss (a fast
 vectorised `opd_loss` and the plain loop-based `opd_loss_reference` beside it,
-tested equal), its target distributions on the draft vocabulary, the loss of a
-replayed batch of blocks, and the SFT training-time-test (TTT) loss.
+tested equal), its target distributions on the draft vocabulary, the accept
+mask of the head being trained, the loss of a replayed batch of blocks, and
+the SFT training-time-test (TTT) loss.
 
-Draft-OPD. One block = one logged verify step: K drafted tokens, n =
-num_accepted of them accepted, and the target's distribution p at positions
-j = 0..K (row j predicts the token after the prefix plus the first j drafted
-tokens). The drafter is replayed at the same block start and gives q at the
-same K+1 rows. Rule (j is 0-based; the drafted token at row j sits in slot
-j + 1 of the block):
+Draft-OPD. One block = one logged verify step: K drafted tokens, n of them
+accepted, and the target's distribution p at positions j = 0..K (row j
+predicts the token after the prefix plus the first j drafted tokens). The
+drafter is replayed at the same block start and gives q at the same K+1 rows.
+n is the accepted prefix of the head being trained (`replay_accepted`: the
+leading rows where argmax q is the teacher's choice, as the paper's and the
+official code's `build_accept_mask` under greedy verification), not the
+`num_accepted` logged at serving time, which is the served head's and stale
+after the first update (`OPDConfig.accept="served"` keeps it, an ablation).
+Rule (j is 0-based; the drafted token at row j sits in slot j + 1 of the block):
 - accepted stream: forward KL(p‖q) at rows 0..n — the n accepted drafted
   tokens and row n, where the recovered/bonus token was taken (the target's own
   state). Weight 1 each.
 - rejected stream: reverse KL(q‖p) at rows n..K−1 when n < K — the first
   rejected drafted token and every later one — weighted γ^(slot−1) = γ^j. Row
   n thus lands in both streams when a rejection happened.
-- each stream is a weighted mean over its rows in the whole batch (Σ w·KL / Σ w);
-  an empty stream contributes 0. L = (λ_acc·L_acc + λ_rej·L_rej)/(λ_acc + λ_rej).
+- pooling (`pool`): "token" (default) is one token-weighted mean over every
+  row of both streams in the batch, a rejected row weighing λ_rej·γ^j and an
+  accepted one λ_acc: L = (λ_acc·Σ w·KL_acc + λ_rej·Σ w·KL_rej) /
+  (λ_acc·Σ w_acc + λ_rej·Σ w_rej), so each stream counts by its tokens;
+  "stream" averages the two streams' own means, (λ_acc·L_acc + λ_rej·L_rej) /
+  (λ_acc + λ_rej), whatever their sizes. An empty stream contributes 0.
+  `loss_acc` / `loss_rej` are each stream's own weighted mean, for logging.
 Each stream reads its own target (`p_acc`, `p_rej`): the tail of the logged
-top-k is handled per KL direction (see `worker.train.opd`).
+top-k is handled per KL direction (see `worker.train.opd`), and rows on the
+emitted context use the target's exact distribution (`exact_teacher_logp`).
 
 Ablations: `mode="forward_kl_all"` uses forward KL in both streams,
 `mode="reverse_kl_all"` reverse KL in both (rows and weights unchanged, so only
@@ -38,7 +49,7 @@ from torch import Tensor
 
 from service.drafters.eagle3 import Eagle3Head, shifted_tokens
 
-from .config import MODES, Mode, OPDConfig
+from .config import MODES, POOLS, Mode, OPDConfig, Pool
 from .data import Batch, ReplayBatch
 
 # Floor for the target's mass outside its logged top-k, so reverse KL stays finite
@@ -111,9 +122,12 @@ def _check(
     num_accepted: Tensor,  # (B,)
     num_draft: Tensor,  # (B,)
     mode: str,
+    pool: str = "token",
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     for p_logp in (p_acc, p_rej):
         if q_logp.shape != p_logp.shape or q_logp.dim() != 3:
             raise ValueError(f"q_logp and p_logp must both be (B, K+1, V): {tuple(q_logp.shape)} vs {tuple(p_logp.shape)}")
@@ -124,10 +138,17 @@ def _check(
         raise ValueError("num_accepted must lie in 0..num_draft")
 
 
-def _combine(acc_sum: Tensor, acc_w: Tensor, rej_sum: Tensor, rej_w: Tensor, lam_acc: float, lam_rej: float) -> OPDLoss:  # () each
+def _combine(
+    acc_sum: Tensor, acc_w: Tensor, rej_sum: Tensor, rej_w: Tensor, lam_acc: float, lam_rej: float, pool: str
+) -> OPDLoss:  # () each
     loss_acc = acc_sum / acc_w if acc_w > 0 else acc_sum * 0.0
     loss_rej = rej_sum / rej_w if rej_w > 0 else rej_sum * 0.0
-    loss = (lam_acc * loss_acc + lam_rej * loss_rej) / (lam_acc + lam_rej)
+    if pool == "stream":
+        loss = (lam_acc * loss_acc + lam_rej * loss_rej) / (lam_acc + lam_rej)
+    else:  # "token": every row of the batch in one weighted mean
+        total_w = lam_acc * acc_w + lam_rej * rej_w
+        total = lam_acc * acc_sum + lam_rej * rej_sum
+        loss = total / total_w if total_w > 0 else total * 0.0
     return OPDLoss(loss, loss_acc, loss_rej)
 
 
@@ -145,9 +166,10 @@ def opd_loss(
     lam_rej: float = 1.0,
     mode: Mode = "opd",
     block_weight: Tensor | None = None,  # (B,) optional per-block weight, e.g. for blocks of an older drafter
+    pool: Pool = "token",
 ) -> OPDLoss:
     """Draft-OPD loss of a batch of blocks (rule in the module docstring)."""
-    _check(q_logp, p_acc, p_rej, num_accepted, num_draft, mode)
+    _check(q_logp, p_acc, p_rej, num_accepted, num_draft, mode, pool)
     batch, rows = q_logp.shape[:2]
     j = torch.arange(rows, device=q_logp.device)[None, :]  # (1, K+1)
     accepted = num_accepted.to(q_logp.device)[:, None]  # (B, 1)
@@ -164,7 +186,7 @@ def opd_loss(
     rej_in = acc_in if p_rej is p_acc else torch.where(used, p_rej, torch.zeros_like(p_rej))
     kl_acc = reverse_kl(acc_in, q_in) if mode == "reverse_kl_all" else forward_kl(acc_in, q_in)  # (B, K+1)
     kl_rej = forward_kl(rej_in, q_in) if mode == "forward_kl_all" else reverse_kl(rej_in, q_in)  # (B, K+1)
-    return _combine((w_acc * kl_acc).sum(), w_acc.sum(), (w_rej * kl_rej).sum(), w_rej.sum(), lam_acc, lam_rej)
+    return _combine((w_acc * kl_acc).sum(), w_acc.sum(), (w_rej * kl_rej).sum(), w_rej.sum(), lam_acc, lam_rej, pool)
 
 
 def _kl_rows(a_logp: Tensor, b_logp: Tensor) -> Tensor:  # (V,) each -> ()
@@ -188,13 +210,14 @@ def opd_loss_reference(
     lam_rej: float = 1.0,
     mode: Mode = "opd",
     block_weight: Tensor | None = None,  # (B,)
+    pool: Pool = "token",
 ) -> OPDLoss:
     """`opd_loss` written as plain loops over blocks, rows and vocabulary ids.
 
     A deliberate duplicate: its signature repeats `opd_loss`'s (and `_check`'s)
     and its body restates the rule, so that it reads on its own as the
     specification the fast version is tested against (tests/test_opd_loss.py)."""
-    _check(q_logp, p_acc, p_rej, num_accepted, num_draft, mode)
+    _check(q_logp, p_acc, p_rej, num_accepted, num_draft, mode, pool)
     acc_sum, rej_sum = q_logp.new_zeros(()), q_logp.new_zeros(())
     acc_w, rej_w = 0.0, 0.0
     for b in range(q_logp.shape[0]):
@@ -212,7 +235,13 @@ def opd_loss_reference(
             q, p = q_logp[b, j], p_rej[b, j]
             kl = _kl_rows(p, q) if mode == "forward_kl_all" else _kl_rows(q, p)
             rej_sum, rej_w = rej_sum + w * kl, rej_w + w
-    return _combine(acc_sum, torch.tensor(acc_w), rej_sum, torch.tensor(rej_w), lam_acc, lam_rej)
+    acc_w_t, rej_w_t = torch.tensor(acc_w), torch.tensor(rej_w)
+    if pool == "stream":  # the mean of each stream, then their λ-weighted average
+        return _combine(acc_sum, acc_w_t, rej_sum, rej_w_t, lam_acc, lam_rej, pool)
+    # "token": restated as one mean over every row, an accepted row weighing λ_acc·w, a rejected one λ_rej·w·γ^j
+    out = _combine(acc_sum, acc_w_t, rej_sum, rej_w_t, lam_acc, lam_rej, "stream")
+    num, den = lam_acc * acc_sum + lam_rej * rej_sum, lam_acc * acc_w + lam_rej * rej_w
+    return OPDLoss(num / den if den > 0 else num * 0.0, out.loss_acc, out.loss_rej)
 
 
 # ---------------------------------------------------------------------------
@@ -268,23 +297,108 @@ def _valid_ids(batch: ReplayBatch, static: int) -> Tensor | None:
     return torch.cat([torch.ones(n, static, dtype=torch.bool, device=batch.ctx_valid.device), batch.ctx_valid], dim=1)
 
 
-def blocks_loss(
-    logq: Tensor,  # (N, S, Vd + C) replayed log q, from `replay_logq`
+def teacher_top1(
+    p_ids: Tensor,  # (N, S, k) draft ids, -1 outside the draft vocab, -2 padding
+    p_logprobs: Tensor,  # (N, S, k) raw target log p
+) -> Tensor:
+    """The teacher's choice at each row as a draft id -> (N, S): the logged top-1
+    (the verifier's argmax when serving), -1 when it lies outside the draft
+    vocab or the row logged nothing."""
+    lp = torch.where(p_ids >= -1, p_logprobs.float(), torch.full_like(p_logprobs.float(), float("-inf")))
+    top = p_ids.gather(-1, lp.argmax(-1, keepdim=True)).squeeze(-1)
+    return torch.where(top >= 0, top, torch.full_like(top, -1))
+
+
+@torch.no_grad()
+def replay_accepted(
+    logq: Tensor,  # (N, S, V) replayed log q of the head being trained
+    top1: Tensor,  # (N, S) the teacher's choice (`teacher_top1`), -1: no draft id can match
+    num_draft: Tensor,  # (N,) K of each block
+) -> Tensor:
+    """Accepted drafted tokens of each replayed block under greedy verification
+    of the head that gave `logq` -> (N,) int64: the leading rows j < K where its
+    argmax is the teacher's choice (the official `build_accept_mask`: match,
+    then cumprod). Past the served accepted prefix the rows are conditioned on
+    the served drafts, as the official replay of rejected blocks is on the
+    drafted prefix."""
+    rows = torch.arange(logq.shape[1], device=logq.device)[None, :]
+    top1 = top1.to(logq.device)
+    match = (logq.argmax(-1) == top1) & (top1 >= 0) & (rows < num_draft.to(logq.device)[:, None])
+    return match.long().cumprod(1).sum(1).cpu()
+
+
+@torch.no_grad()
+def exact_teacher_logp(
     batch: ReplayBatch,
-    cfg: OPDConfig,
-    weighted: bool = True,
-) -> OPDLoss:
-    """Draft-OPD loss of replayed blocks. Each stream reads the target with the
-    tail its KL direction needs (`worker.train.opd`)."""
+    lm_rows: Tensor,  # (Vd, d) the target's LM-head rows of the static draft vocab
+    valid: Tensor | None,  # (N, Vd + C) bool, the ids each block could draft (None: all)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The target's exact distribution on each block's draft vocab at its rows on
+    the emitted context (`batch.exact_index`): final hidden times the LM-head rows
+    of the static ids and of the request's context ids, softmax over the ids the
+    block could draft, as the SFT loss's `_target_rows` -> (block idx (R,), row
+    idx (R,), log p (R, Vd + C) float32; `MASKED_LOGP` outside `valid`)."""
+    n_idx, s_idx = (batch.exact_index >= 0).nonzero(as_tuple=True)
+    dev = lm_rows.device
+    with torch.autocast(dev.type, enabled=False):  # the teacher in float32, also under bf16 training
+        final = batch.exact_final.to(dev).float()[batch.exact_index[n_idx, s_idx].to(dev)]  # (R, d)
+        logits = final @ lm_rows.float().T  # (R, Vd)
+        if batch.ctx_rows.shape[1]:
+            per_req = torch.einsum("rd,bcd->rbc", final, batch.ctx_rows.float())  # (R, B, C): small (B, C)
+            ctx = per_req[torch.arange(final.shape[0], device=dev), batch.rows.to(dev)[n_idx]]
+            logits = torch.cat([logits, ctx], dim=-1)
+        if valid is not None:
+            logits = logits.masked_fill(~valid.to(dev)[n_idx], float("-inf"))
+        logp = torch.log_softmax(logits, dim=-1)
+    logp = logp.masked_fill(~torch.isfinite(logp), MASKED_LOGP)
+    return n_idx, s_idx, logp
+
+
+def _stream_targets(logq: Tensor, batch: ReplayBatch, cfg: OPDConfig, lm_rows: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(p_acc, p_rej), each (N, S, Vd + C): the logged top-k with the tail each KL
+    direction needs, and with `cfg.teacher == "exact"` the exact rows on the
+    emitted context in place of the logged ones (full support: both directions)."""
     vocab = logq.shape[-1]
     valid = _valid_ids(batch, vocab - batch.ctx_valid.shape[1])
     spread = target_logp(batch.p_ids, batch.p_logprobs, vocab, "spread", valid).to(logq.device)
     fwd_p = spread if cfg.tail == "spread" else target_logp(batch.p_ids, batch.p_logprobs, vocab, "renorm", valid).to(logq.device)
     p_acc = spread if cfg.mode == "reverse_kl_all" else fwd_p
     p_rej = fwd_p if cfg.mode == "forward_kl_all" else spread
+    if cfg.teacher == "exact" and lm_rows is not None and bool((batch.exact_index >= 0).any()):
+        n_idx, s_idx, exact = exact_teacher_logp(batch, lm_rows, valid)
+        same = p_rej is p_acc
+        p_acc = p_acc.clone()
+        p_acc[n_idx.to(logq.device), s_idx.to(logq.device)] = exact.to(logq.device)
+        if same:
+            p_rej = p_acc
+        else:
+            p_rej = p_rej.clone()
+            p_rej[n_idx.to(logq.device), s_idx.to(logq.device)] = exact.to(logq.device)
+    return p_acc, p_rej
+
+
+def block_accepted(logq: Tensor, batch: ReplayBatch, cfg: OPDConfig) -> Tensor:
+    """(N,) the accepted prefix each block's loss uses: the replayed head's own
+    (`replay_accepted`), or the logged one with `cfg.accept == "served"`."""
+    if cfg.accept == "served":
+        return batch.num_accepted
+    return replay_accepted(logq.detach(), teacher_top1(batch.p_ids, batch.p_logprobs), batch.num_draft)
+
+
+def blocks_loss(
+    logq: Tensor,  # (N, S, Vd + C) replayed log q, from `replay_logq`
+    batch: ReplayBatch,
+    cfg: OPDConfig,
+    lm_rows: Tensor | None = None,  # (Vd, d) the target's LM-head rows of the draft vocab (None: logged rows only)
+    weighted: bool = True,
+) -> OPDLoss:
+    """Draft-OPD loss of replayed blocks, on the accepted prefix of `block_accepted`.
+    Each stream reads the target with the tail its KL direction needs
+    (`worker.train.opd`), exact on the emitted context given `lm_rows`."""
+    p_acc, p_rej = _stream_targets(logq, batch, cfg, lm_rows)
     return opd_loss(
-        logq, p_acc, p_rej, batch.num_accepted, batch.num_draft,
-        gamma=cfg.gamma, lam_acc=cfg.lam_acc, lam_rej=cfg.lam_rej, mode=cfg.mode,
+        logq, p_acc, p_rej, block_accepted(logq, batch, cfg), batch.num_draft,
+        gamma=cfg.gamma, lam_acc=cfg.lam_acc, lam_rej=cfg.lam_rej, mode=cfg.mode, pool=cfg.pool,
         block_weight=batch.weight.to(logq.device) if weighted else None,
     )  # fmt: skip
 

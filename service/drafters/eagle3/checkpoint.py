@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,13 @@ def save_checkpoint(
     trained_on: dict[str, int] | None = None,
     eval_tau: dict[str, float | None] | None = None,
     extra: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path:
     """Write head weights + manifest as the next version `eagle3/v{N}` under
-    checkpoint_dir, atomically (temp dir, fsync, rename). Returns the directory."""
+    checkpoint_dir, atomically (temp dir, fsync, rename). Returns the directory.
+    `extra_files(tmp)` writes files of the trainer's into the version (e.g. its
+    optimizer state) and returns manifest fields naming them; loading reads
+    only the weights file, so they never change what a server serves."""
 
     def write_files(tmp: Path) -> dict[str, Any]:
         state = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()}
@@ -76,6 +81,7 @@ def save_checkpoint(
             "trained_on": trained_on or {},
             "eval": {"tau_before": None, "tau_after": None, **(eval_tau or {})},
             **(extra or {}),
+            **(extra_files(tmp) if extra_files is not None else {}),
         }
 
     return store.save_version(checkpoint_dir, KIND_DIR, write_files)
