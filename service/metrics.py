@@ -47,6 +47,12 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
             registry=r,
         )
+        self.batch_size = Histogram(
+            p + "batch_size",
+            "Sequences in one target forward of the serving loop (decode steps and prompt chunks)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter(p + "requests", "Finished requests", ["finish_reason"], registry=r)

@@ -299,6 +299,7 @@ def load_state(
         block_sink=build_block_sink(settings, metrics, target.model_id, on_close),
         block_topk=settings.block_topk,
         max_num_seqs=settings.max_num_seqs,
+        prefill_chunk=settings.prefill_chunk,
     )
     log.info(
         "serving %s with drafter %s v%s, K=%d, max_num_seqs=%d",
