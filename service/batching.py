@@ -3,12 +3,15 @@ batching): chunked prefill, per-sequence drafting, ONE ragged target forward,
 then acceptance per sequence.
 
 Admission policy (the engine's loop): sequences are admitted in arrival
-order while fewer than `max_num_seqs` run; more wait in the FIFO queue. Each
-iteration spends a prefill budget of `prefill_chunk` prompt tokens on the
-sequences still prefilling, oldest first (a short prompt may finish, and the
-next one start, within the same budget), and every decoding sequence takes
-one draft -> verify -> accept step in the same forward. A long prompt thus
-delays the running decodes by at most one chunk of rows per iteration.
+order while fewer than `max_num_seqs` run; more wait in the FIFO queue. A
+prompt is prefilled in chunks of `prefill_chunk` tokens (fixed boundaries:
+0, C, 2C, ...; `Engine.start` uses the same ones, so the cache is the same
+bit for bit). Each iteration takes the next chunk of the oldest prefilling
+sequences while their chunks fit in a budget of `prefill_chunk` tokens (the
+oldest always goes; several short prompts share one budget), and every
+decoding sequence takes one draft -> verify -> accept step in the same
+forward. A long prompt thus delays the running decodes by at most one chunk
+of rows per iteration.
 
 Failures stay with their sequence: an exception while preparing, drafting or
 accepting fails that sequence alone; when the batched forward itself raises,
@@ -44,12 +47,17 @@ class _Work:
     draft_s: float = 0.0
 
 
-def _prefill_work(engine: Engine, seq: Sequence, budget: int) -> _Work:
-    """The next chunk (<= budget tokens) of a prompt; prepares the sequence first."""
+def chunk_size(seq: Sequence, prefill_chunk: int) -> int:
+    """Tokens in the sequence's next prompt chunk."""
+    return min(prefill_chunk, len(seq.prompt_ids) - seq.prefilled)
+
+
+def _prefill_work(engine: Engine, seq: Sequence) -> _Work:
+    """The next chunk of a prompt; prepares the sequence first."""
     if seq.cache is None:
         engine.prepare(seq)
     begin = seq.prefilled
-    end = min(len(seq.prompt_ids), begin + budget)
+    end = begin + chunk_size(seq, engine.prefill_chunk)
     ids = torch.tensor(seq.prompt_ids[begin:end], dtype=torch.long, device=engine.target.device)  # (chunk,)
     last = end == len(seq.prompt_ids)
     rows = ids.shape[0] if engine.wants_prompt_logprobs(seq) else int(last)
@@ -65,20 +73,25 @@ def _decode_work(engine: Engine, seq: Sequence) -> _Work:
     return _Work(seq, part, proposal, seq.cache.length, time.perf_counter() - t0)
 
 
-def plan(engine: Engine, running: list[Sequence], prefill_chunk: int) -> tuple[list[_Work], list[Result]]:
+def plan(engine: Engine, running: list[Sequence]) -> tuple[list[_Work], list[Result]]:
     """This iteration's parts: prompt chunks within the budget, then one verify
     pass per decoding sequence. -> (work, sequences that failed to plan)."""
     work: list[_Work] = []
     failed: list[Result] = []
-    budget = prefill_chunk
+    budget = engine.prefill_chunk
     for seq in running:
         try:
             if seq.decoding:
                 work.append(_decode_work(engine, seq))
-            elif budget > 0:
-                item = _prefill_work(engine, seq, budget)
-                budget -= item.part.tokens.shape[0]
-                work.append(item)
+                continue
+            size = chunk_size(seq, engine.prefill_chunk)
+            if size == 0:
+                raise ValueError("a sequence needs a prompt of at least one token")
+            if size > budget:
+                budget = 0  # FIFO: no younger prompt overtakes one that did not fit
+                continue
+            work.append(_prefill_work(engine, seq))
+            budget -= size
         except Exception as exc:
             log.exception("sequence %s failed", seq.request_id)
             failed.append((seq, exc))
@@ -93,13 +106,15 @@ def forward(engine: Engine, work: list[_Work]) -> list[RaggedOut | BaseException
     except Exception as exc:
         if len(parts) == 1:
             return [exc]
-        log.warning("batched forward of %d sequences failed; running them one by one", len(parts), exc_info=True)
+        log.warning(
+            "batched forward of %d sequences failed; running them one by one", len(parts), exc_info=True
+        )
     results: list[RaggedOut | BaseException] = []
     for w in work:
         w.part.cache.rollback(w.cached_len)
         try:
             results.append(ragged_forward(engine.target, [w.part])[0])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 -- handed back: `iteration` logs it and fails that sequence
             results.append(exc)
     return results
 
@@ -119,11 +134,11 @@ def _finish_prefill(engine: Engine, w: _Work, out: RaggedOut) -> StepOutput | No
     return engine.first_token(seq, logits, taps)
 
 
-def iteration(engine: Engine, running: list[Sequence], prefill_chunk: int) -> list[Result]:
+def iteration(engine: Engine, running: list[Sequence]) -> list[Result]:
     """One engine iteration over `running` (none cancelled) -> each sequence's
     output this iteration, or its exception (a prompt chunk that is not the
     last yields nothing)."""
-    work, results = plan(engine, running, prefill_chunk)
+    work, results = plan(engine, running)
     if not work:
         return results
     t_drafted = time.perf_counter()

@@ -157,14 +157,21 @@ class Engine:
         seq.tokens = list(seq.prompt_ids)
 
     def start(self, seq: Sequence) -> StepOutput:
-        """Prefill the whole prompt in one forward and emit the first token."""
+        """Prefill the prompt and emit the first token. The prompt goes in chunks
+        of `prefill_chunk` tokens, the boundaries the batched loop uses, so both
+        compute the same cache bit for bit (attention sums by its query length)."""
         self.prepare(seq)
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.target.device)  # (P,)
-        # hidden: (P, d) final normed hidden; taps: (P, d) residual streams of the drafter's layers
-        _, hidden, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
+        hidden, taps = [], []
+        for begin in range(0, len(seq.prompt_ids), self.prefill_chunk):
+            chunk = seq.prompt_ids[begin : begin + self.prefill_chunk]
+            ids = torch.tensor(chunk, dtype=torch.long, device=self.target.device)  # (C,)
+            # h: (C, d) final normed hidden; t: (C, d) residual streams of the drafter's layers
+            _, h, t = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
+            hidden.append(h)
+            taps.append(t)
         seq.prefilled = len(seq.prompt_ids)
-        logits = self.target.lm_head(hidden if self.wants_prompt_logprobs(seq) else hidden[-1:])  # (P or 1, V)
-        return self.first_token(seq, logits, taps)
+        rows = torch.cat(hidden) if self.wants_prompt_logprobs(seq) else hidden[-1][-1:]  # (P or 1, d)
+        return self.first_token(seq, self.target.lm_head(rows), [torch.cat(layer) for layer in zip(*taps)])
 
     @staticmethod
     def wants_prompt_logprobs(seq: Sequence) -> bool:
@@ -211,7 +218,9 @@ class Engine:
         t_drafted = time.perf_counter()
         ids = self.verify_ids(seq, proposal)
         cached_len = seq.cache.length
-        logits, _, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers)  # logits: (K+1, V)
+        logits, _, taps = self.target(
+            ids, seq.cache, hidden_layers=seq.drafter.hidden_layers
+        )  # logits: (K+1, V)
         t_verified = time.perf_counter()
         out = self.accept(seq, proposal, logits, taps, cached_len)
         self.timing.add(t_drafted - t_start, t_verified - t_drafted, time.perf_counter() - t_verified)
@@ -298,7 +307,10 @@ class Engine:
         lsm = torch.log_softmax(logits.float(), dim=-1)
         k = len(proposal.tokens)
         top = torch.topk(lsm, min(self.block_topk, lsm.shape[-1]), dim=-1)
-        draft_lp = lsm[torch.arange(k, device=lsm.device), torch.tensor(proposal.tokens, dtype=torch.long, device=lsm.device)]
+        draft_lp = lsm[
+            torch.arange(k, device=lsm.device),
+            torch.tensor(proposal.tokens, dtype=torch.long, device=lsm.device),
+        ]
         obs = BlockObservation(
             request_id=seq.request_id,
             step=seq.steps,
@@ -386,7 +398,7 @@ class Engine:
             else:
                 running.append(seq)
         try:
-            results = batching.iteration(self, running, self.prefill_chunk)
+            results = batching.iteration(self, running)
         except Exception as exc:  # a bug outside any one sequence: fail the batch, keep the engine
             log.exception("engine iteration failed")
             results = [(seq, exc) for seq in running]

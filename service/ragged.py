@@ -88,7 +88,9 @@ def _layer(
         rows = slice(seg.begin, seg.end)
         cache = part.cache
         outs.append(
-            cached_attention(q[:, rows], k[:, rows], v[:, rows], cache.k[index], cache.v[index], seg.start, seg.mask)
+            cached_attention(
+                q[:, rows], k[:, rows], v[:, rows], cache.k[index], cache.v[index], seg.start, seg.mask
+            )
         )
     x = x + attn.o_proj(torch.cat(outs))
     return x + layer.mlp(layer.post_attention_layernorm(x))
@@ -122,7 +124,9 @@ def ragged_forward(model: LlamaModel, parts: list[RaggedPart]) -> list[RaggedOut
         if part.logit_rows:
             part_logits = logits[first : first + part.logit_rows]
             first += part.logit_rows
-        taps = [streams[i][seg.begin : seg.end] for i in sorted(set(part.hidden_layers)) if i < len(model.layers)]
+        taps = [
+            streams[i][seg.begin : seg.end] for i in sorted(set(part.hidden_layers)) if i < len(model.layers)
+        ]
         outs.append(RaggedOut(part_logits, taps))
     for part, seg in zip(parts, segments):
         part.cache.length = seg.end - seg.begin + seg.start

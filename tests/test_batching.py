@@ -75,7 +75,8 @@ def mixed_jobs(target, params: list[SamplingParams]) -> list[Job]:
 
 
 def assert_same_as_single_stream(target, drafter, k: int, jobs: list[Job], chunk: int = 256) -> Engine:
-    want = [Engine(target.model, drafter, target.eos_token_ids, k).generate(j.prompt, j.params) for j in jobs]
+    single = Engine(target.model, drafter, target.eos_token_ids, k, prefill_chunk=chunk)
+    want = [single.generate(j.prompt, j.params) for j in jobs]
     engine = Engine(target.model, drafter, target.eos_token_ids, k, metrics=Metrics(), prefill_chunk=chunk)
     run_loop(engine, jobs)
     for i, (job, tokens) in enumerate(zip(jobs, want)):
@@ -129,3 +130,119 @@ def test_batched_sampling_equals_single_stream_with_the_same_seed(target) -> Non
     base = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=20)
     params = [replace(base, seed=s, max_tokens=n) for s, n in ((1, 20), (2, 6), (3, 14), (4, 20))]
     assert_same_as_single_stream(target, random_head_drafter(target), 3, mixed_jobs(target, params))
+
+
+def long_prompt(target, length: int) -> list[int]:
+    ids = [t for prompt in heldout_prompt_ids(target.tokenizer) for t in prompt]
+    assert len(ids) >= length
+    return ids[:length]
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_never_stalls_decodes(target, monkeypatch) -> None:
+    """A 600-token prompt prefilled 64 tokens per iteration while others decode:
+    same tokens and prompt log-probs as one whole-prompt prefill; no forward
+    carries more than one chunk of prompt rows, and decodes run beside the chunks."""
+    from service import batching
+
+    chunk, calls = 64, []
+
+    def spy(model, parts):
+        calls.append([(p.tokens.shape[0], p.logit_rows) for p in parts])
+        return ragged_forward(model, parts)
+
+    monkeypatch.setattr(batching, "ragged_forward", spy)
+    echo = SamplingParams(temperature=0.0, max_tokens=8, echo=True, logprobs=2)
+    jobs = [
+        *mixed_jobs(target, [GREEDY, replace(GREEDY, max_tokens=40)]),
+        Job(long_prompt(target, 600), echo, join=2),
+    ]
+    assert_same_as_single_stream(target, NgramDrafter(), 4, jobs, chunk=chunk)
+    ref = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, prefill_chunk=chunk)
+    with torch.inference_mode():
+        first = ref.start(Sequence("ref", jobs[2].prompt, echo, lambda _: None))
+    assert jobs[2].outputs[0].prompt_logprobs == first.prompt_logprobs
+    assert jobs[2].outputs[0].prompt_top_logprobs == first.prompt_top_logprobs
+    # prompt chunks: parts longer than a verify pass (K+1 = 5) or whose LM head skips rows
+    prompt_rows = [sum(t for t, rows in call if t > 5 or rows < t) for call in calls]
+    assert max(prompt_rows) <= chunk
+    beside = [
+        call for call in calls if any(t == chunk for t, _ in call) and any(t == r <= 5 for t, r in call)
+    ]
+    assert len(beside) >= 3  # decode steps shared the forwards that carried prompt chunks
+
+
+class Faulty(Drafter):
+    """ngram, except that job-1's drafting raises and job-2 drafts a token id
+    outside the vocabulary (the batched forward itself raises)."""
+
+    kind = "ngram"
+
+    def __init__(self, vocab_size: int) -> None:
+        self.inner, self.vocab_size = NgramDrafter(), vocab_size
+
+    def propose(self, seq, k, params, gen) -> Proposal:
+        if seq.request_id == "job-1":
+            raise RuntimeError("drafter bug")
+        if seq.request_id == "job-2":
+            return Proposal([self.vocab_size + 7], None, [0.0])
+        return self.inner.propose(seq, k, params, gen)
+
+
+def test_a_failing_sequence_fails_alone(target) -> None:
+    prompts = heldout_prompt_ids(target.tokenizer)
+    jobs = [Job(list(prompts[i]), replace(GREEDY, max_tokens=12), join=i % 2) for i in range(5)]
+    want = [
+        Engine(target.model, NgramDrafter(), target.eos_token_ids, 4).generate(j.prompt, j.params)
+        for j in jobs
+    ]
+    engine = Engine(
+        target.model, Faulty(target.model.cfg.vocab_size), target.eos_token_ids, 4, metrics=Metrics()
+    )
+    run_loop(engine, jobs)
+    assert isinstance(jobs[1].error, RuntimeError)
+    assert isinstance(jobs[2].error, IndexError)  # from the embedding, found by running the parts one by one
+    for i in (0, 3, 4):
+        assert jobs[i].error is None and jobs[i].tokens == want[i], f"sequence {i}"
+    errors = engine.metrics.registry.get_sample_value("draftloop_requests_total", {"finish_reason": "error"})
+    assert errors == 2
+
+
+def test_the_serving_thread_batches_concurrent_submissions(target) -> None:
+    """The real loop (`start_loop`, `submit`): same tokens as single-stream; a
+    cancelled sequence leaves and the others are unaffected."""
+    import queue
+
+    prompts = heldout_prompt_ids(target.tokenizer)
+    params = [replace(GREEDY, max_tokens=n) for n in (16, 5, 12, 16)]
+    want = [
+        Engine(target.model, NgramDrafter(), target.eos_token_ids, 4).generate(list(p), q)
+        for p, q in zip(prompts, params)
+    ]
+    engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, metrics=Metrics(), max_num_seqs=3)
+    done: queue.Queue[int] = queue.Queue()
+    jobs = [Job(list(p), q) for p, q in zip(prompts, params)]
+    seqs = []
+    for i, job in enumerate(jobs):
+
+        def emit(out, job=job, i=i):
+            job.outputs.append(out)
+            if isinstance(out, BaseException) or out.finish_reason is not None:
+                done.put(i)
+
+        seqs.append(Sequence(f"job-{i}", job.prompt, job.params, emit))
+    cancelled = Sequence("cancelled", list(prompts[5]), replace(GREEDY, max_tokens=500), lambda _: None)
+    engine.submit(cancelled)
+    for seq in seqs:
+        engine.submit(seq)
+    cancelled.cancelled = True
+    engine.start_loop()
+    try:
+        finished = {done.get(timeout=120) for _ in jobs}
+    finally:
+        engine.stop_loop()
+    assert finished == set(range(len(jobs)))
+    for i, (job, tokens) in enumerate(zip(jobs, want)):
+        assert job.tokens == tokens, f"sequence {i}"
+    assert (
+        engine.metrics.registry.get_sample_value("draftloop_requests_total", {"finish_reason": "abort"}) == 1
+    )
