@@ -31,6 +31,7 @@ class Job:
     params: SamplingParams
     join: int = 0  # the loop iteration the sequence arrives at
     outputs: list[StepOutput | BaseException] = field(default_factory=list)
+    seq: Sequence | None = None
 
     @property
     def tokens(self) -> list[int]:
@@ -41,21 +42,25 @@ class Job:
         return next((out for out in self.outputs if isinstance(out, BaseException)), None)
 
 
-def run_loop(engine: Engine, jobs: list[Job], max_iterations: int = 2000) -> int:
+def run_loop(engine: Engine, jobs: list[Job], swaps: dict[int, Drafter] | None = None) -> int:
     """Drive the engine's own batched iteration (`Engine._iterate`) on this
-    thread, each job joining at its iteration -> the number of iterations."""
+    thread, each job joining at its iteration, the serving drafter swapped at
+    the iterations of `swaps` -> the number of iterations."""
     engine._active = deque()
-    pending = sorted(enumerate(jobs), key=lambda item: item[1].join)
+    pending = sorted(jobs, key=lambda job: job.join)
     iteration = 0
     with torch.inference_mode():
         while pending or engine._active:
-            while pending and pending[0][1].join <= iteration:
-                i, job = pending.pop(0)
-                engine._active.append(Sequence(f"job-{i}", list(job.prompt), job.params, job.outputs.append))
+            if swaps and iteration in swaps:
+                engine.set_drafter(swaps[iteration])
+            while pending and pending[0].join <= iteration:
+                job = pending.pop(0)
+                job.seq = Sequence(f"job-{jobs.index(job)}", list(job.prompt), job.params, job.outputs.append)
+                engine._active.append(job.seq)
             if engine._active:
                 engine._iterate()
             iteration += 1
-            assert iteration < max_iterations
+            assert iteration < 2000
     return iteration
 
 
@@ -121,6 +126,21 @@ def test_batched_greedy_equals_single_stream(target, kind) -> None:
     samples = engine.metrics.registry.get_sample_value("draftloop_batch_size_count")
     biggest = engine.metrics.registry.get_sample_value("draftloop_batch_size_bucket", {"le": "2.0"})
     assert samples and biggest < samples  # some forwards carried more than two sequences
+
+
+def test_a_batch_mixing_drafters_after_a_hot_swap(target) -> None:
+    """ngram serves the first sequences; eagle3 (taps of three layers) those that
+    start after the swap: one forward carries both, each gets its own taps."""
+    ngram, head = NgramDrafter(), random_head_drafter(target)
+    params = [replace(GREEDY, max_tokens=n) for n in (30, 30, 20, 16, 12)]
+    jobs = mixed_jobs(target, params)
+    engine = Engine(target.model, ngram, target.eos_token_ids, 4)
+    run_loop(engine, jobs, swaps={5: head})
+    kinds = [job.seq.drafter.kind for job in jobs]
+    assert "ngram" in kinds and "eagle3" in kinds
+    for i, job in enumerate(jobs):
+        want = Engine(target.model, job.seq.drafter, target.eos_token_ids, 4).generate(job.prompt, job.params)
+        assert job.error is None and job.tokens == want, f"sequence {i} ({kinds[i]})"
 
 
 def test_batched_sampling_equals_single_stream_with_the_same_seed(target) -> None:
