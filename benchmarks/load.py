@@ -227,6 +227,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the openai client logs every request
     args = parse_args(argv)
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
