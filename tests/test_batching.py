@@ -266,3 +266,54 @@ def test_the_serving_thread_batches_concurrent_submissions(target) -> None:
     assert (
         engine.metrics.registry.get_sample_value("draftloop_requests_total", {"finish_reason": "abort"}) == 1
     )
+
+
+class FixedDraft(Drafter):
+    """Drafts one token from a fixed q (uniform over `ids`): cheap, and a q that
+    overlaps the target's top tokens, so drafts are both accepted and rejected."""
+
+    kind = "fixed"
+
+    def __init__(self, ids: list[int], vocab_size: int) -> None:
+        self.q = torch.zeros(vocab_size)
+        self.q[ids] = 1.0 / len(ids)
+
+    def propose(self, seq, k, params, gen) -> Proposal:
+        token = int(torch.multinomial(self.q, 1, generator=gen))
+        return Proposal([token], self.q.view(1, -1).clone(), [float(self.q[token].log())])
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's statistic of counts (V,) against probs (V,) over the cells with p > 0."""
+    expected = probs * counts.sum()
+    assert counts[expected == 0].sum() == 0, "emitted a token the target gives probability 0"
+    cells = expected > 0
+    return float(((counts[cells] - expected[cells]) ** 2 / expected[cells]).sum())
+
+
+def test_batched_rejection_sampling_follows_the_target(target) -> None:
+    """300 seeded sequences, batched: the first token follows the
+    target's (top-5) distribution, and so does the second -- drawn through
+    verification of a draft from q != p -- given the most frequent first token
+    (chi-square, 4 degrees of freedom: 18.5 is the 0.1% critical value)."""
+    from service.sampling import target_probs
+
+    model, n = target.model, 300
+    prompt = target.tokenizer.encode("Once upon a time, there was a")
+    base = SamplingParams(temperature=1.0, top_k=5, max_tokens=3)  # the second token comes from a verify step
+    with torch.inference_mode():
+        p1 = target_probs(model(torch.tensor(prompt), model.new_cache(len(prompt)))[0][-1:], base)[0]  # (V,)
+        mode = int(p1.argmax())
+        ctx = torch.tensor([*prompt, mode])
+        p2 = target_probs(model(ctx, model.new_cache(len(ctx)))[0][-1:], base)[0]  # (V,)
+    drafter = FixedDraft(torch.topk(p2, 5).indices.tolist(), model.cfg.vocab_size)
+    jobs = [Job(prompt, replace(base, seed=seed)) for seed in range(n)]
+    engine = Engine(model, drafter, target.eos_token_ids, 1)
+    run_loop(engine, jobs)
+    assert all(job.error is None and len(job.tokens) == 3 for job in jobs)
+    firsts = torch.bincount(torch.tensor([job.tokens[0] for job in jobs]), minlength=p1.shape[0]).float()
+    seconds = [job.tokens[1] for job in jobs if job.tokens[0] == mode]
+    counts = torch.bincount(torch.tensor(seconds), minlength=p2.shape[0]).float()
+    assert chi_square(firsts, p1) < 18.5
+    assert len(seconds) > 60 and chi_square(counts, p2) < 18.5
+    assert 0 < engine.stats.num_accepted_tokens < engine.stats.num_draft_tokens  # both paths of the rule ran
