@@ -8,7 +8,7 @@ the event loop never waits on model work. Whenever the consumer stops early
 cancelled and the engine frees its slot and KV cache at its next turn.
 
 Admission control: when the engine's waiting queue is full, new sequences
-are refused with `EngineOverloaded` (the API answers 429)."""
+are refused with `EngineOverloaded` (the API answers 503 with Retry-After)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,15 @@ from .sampling import SamplingParams
 log = logging.getLogger(__name__)
 
 
+RETRY_AFTER_S = 1  # what a refused client is told to wait: the queue drains by the batch each step
+
+
 class EngineOverloaded(RuntimeError):
-    """The engine's waiting queue is full; retry later."""
+    """The engine's waiting queue is full; retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class AsyncEngine:

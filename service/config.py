@@ -55,7 +55,10 @@ class Settings(BaseSettings):
     # server
     host: str = "127.0.0.1"
     port: int = 8000
-    max_num_seqs: int = 8  # sequences interleaved step by step; more wait in a FIFO queue
+    max_num_seqs: int = Field(8, ge=1)  # sequences decoded together in one batch; more wait in a FIFO queue
+    # prompt tokens prefilled per engine iteration, over all prefilling sequences: a long prompt
+    # delays the running decodes by at most one chunk per step
+    prefill_chunk: int = Field(256, ge=1)
     max_queue: int = 256
     max_body_bytes: int = 1_000_000
     admin_token: str | None = None

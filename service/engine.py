@@ -1,11 +1,15 @@
-"""The speculative decoding engine: draft -> verify -> accept, one sequence
-step at a time, on a dedicated thread.
+"""The speculative decoding engine: draft -> verify -> accept, on a dedicated
+thread.
 
 Each sequence owns a target KV cache sized for its prompt + max_tokens and
 keeps the drafter it started with (a hot-reloaded drafter serves new
-sequences; in-flight ones finish on the old one). Active sequences are
-stepped round-robin, so a long request never starves a short one; more wait
-in a FIFO queue. The engine imports no web framework."""
+sequences; in-flight ones finish on the old one). The serving loop batches:
+each iteration admits waiting sequences (FIFO, up to max_num_seqs running),
+prefills prompts in chunks, and steps every decoding sequence in one ragged
+target forward (`service.batching`, `service.ragged`). `generate` runs one
+sequence on the calling thread through `start` / `step`; both paths share
+`first_token` and `accept`, so they emit the same tokens. The engine imports
+no web framework."""
 
 from __future__ import annotations
 
@@ -22,12 +26,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import batching
 from .blocklog.record import BlockObservation
 from .drafters.base import Drafter, Proposal
 from .llama import KVCache, LlamaModel
 from .metrics import Metrics, SpecDecodeStats
 from .penalties import apply_penalties
 from .sampling import SamplingParams, greedy_verify, make_generator, rejection_verify, target_probs
+from .speculation import AcceptanceTracker, DraftLengthPolicy
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +68,15 @@ class Sequence:
     decode_s: float = 0.0  # seconds of those steps' drafting and verifying (the guard's speed)
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    acceptance: AcceptanceTracker = field(default_factory=AcceptanceTracker)  # for adaptive K
+    prefilled: int = 0  # prompt tokens in the target cache (the batched loop prefills in chunks)
+    prefill_taps: list[list[Tensor]] = field(default_factory=list)  # per chunk: the drafter's taps
+    prefill_logits: list[Tensor] = field(default_factory=list)  # per chunk: the logit rows kept
+
+    @property
+    def decoding(self) -> bool:
+        """Prefilled and its first token emitted: ready for draft -> verify steps."""
+        return self.cache is not None and len(self.tokens) > len(self.prompt_ids)
 
     @property
     def remaining(self) -> int:
@@ -106,6 +121,8 @@ class Engine:
         block_sink: Callable[[BlockObservation], None] | None = None,
         block_topk: int = 20,
         max_num_seqs: int = 8,
+        prefill_chunk: int = 256,
+        speculation: DraftLengthPolicy | None = None,
     ):
         self.target = target
         self.drafter = drafter
@@ -117,6 +134,8 @@ class Engine:
         self.block_sink = block_sink
         self.block_topk = block_topk
         self.max_num_seqs = max_num_seqs
+        self.prefill_chunk = prefill_chunk  # prompt tokens prefilled per loop iteration (all sequences)
+        self.policy = speculation or DraftLengthPolicy()  # how far each sequence drafts (service.speculation)
         self._incoming: queue.Queue[Sequence] = queue.Queue()
         self._active: deque[Sequence] = deque()
         self._thread: threading.Thread | None = None
@@ -135,26 +154,50 @@ class Engine:
             self.metrics.set_drafter(drafter.kind, drafter.version)
 
     # ---- one sequence ------------------------------------------------------
-    def start(self, seq: Sequence) -> StepOutput:
-        """Prefill the prompt and emit the first token."""
-        params = seq.params
+    def prepare(self, seq: Sequence) -> None:
+        """Bind the serving drafter and allocate the sequence's cache and generator."""
         seq.drafter = self.drafter
-        seq.capacity = len(seq.prompt_ids) + params.max_tokens + self.k + 1
+        seq.capacity = len(seq.prompt_ids) + seq.params.max_tokens + self.k + 1
         seq.cache = self.target.new_cache(seq.capacity)
-        seq.gen = make_generator(params.seed, self.target.device)
+        seq.gen = make_generator(seq.params.seed, self.target.device)
         seq.tokens = list(seq.prompt_ids)
-        ids = torch.tensor(seq.prompt_ids, dtype=torch.long, device=self.target.device)  # (P,)
-        want_prompt_logprobs = params.echo and params.logprobs is not None
-        # hidden: (P, d) final normed hidden; taps: (P, d) residual streams of the drafter's layers
-        _, hidden, taps = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
-        logits = self.target.lm_head(hidden if want_prompt_logprobs else hidden[-1:])  # (P or 1, V)
+
+    def start(self, seq: Sequence) -> StepOutput:
+        """Prefill the prompt and emit the first token. The prompt goes in chunks
+        of `prefill_chunk` tokens, the boundaries the batched loop uses, so both
+        compute the same cache bit for bit (attention sums by its query length)."""
+        self.prepare(seq)
+        hidden, taps = [], []
+        for begin in range(0, len(seq.prompt_ids), self.prefill_chunk):
+            chunk = seq.prompt_ids[begin : begin + self.prefill_chunk]
+            ids = torch.tensor(chunk, dtype=torch.long, device=self.target.device)  # (C,)
+            # h: (C, d) final normed hidden; t: (C, d) residual streams of the drafter's layers
+            _, h, t = self.target(ids, seq.cache, hidden_layers=seq.drafter.hidden_layers, logits=False)
+            hidden.append(h)
+            taps.append(t)
+        seq.prefilled = len(seq.prompt_ids)
+        rows = torch.cat(hidden) if self.wants_prompt_logprobs(seq) else hidden[-1][-1:]  # (P or 1, d)
+        return self.first_token(seq, self.target.lm_head(rows), [torch.cat(layer) for layer in zip(*taps)])
+
+    @staticmethod
+    def wants_prompt_logprobs(seq: Sequence) -> bool:
+        return seq.params.echo and seq.params.logprobs is not None
+
+    def first_token(
+        self,
+        seq: Sequence,
+        logits: Tensor,  # (P, V) with echo + logprobs, else (1, V): the prompt's last row
+        taps: list[Tensor],  # (P, d) each: the prompt's residual streams of the drafter's layers
+    ) -> StepOutput:
+        """After the prefill: pick and emit the first token, start the drafter."""
+        params = seq.params
         first = self._pick(logits[-1:], params, seq.gen)
         seq.tokens.append(first)  # the next token: emitted, not yet in the target cache
         seq.drafter.begin(seq, taps)
         if self.block_sink is not None:  # the first token is a block with K = 0
             self._log_block(seq, Proposal([], None, []), logits[-1:], 0, first, len(seq.prompt_ids))
         out = self._emit(seq, [first], logits[-1:])
-        if want_prompt_logprobs:
+        if self.wants_prompt_logprobs(seq):
             chosen, top = _logprobs(logits[:-1], seq.prompt_ids[1:], params.logprobs or 0)
             out.prompt_logprobs = [None, *chosen]
             out.prompt_top_logprobs = [None, *top]
@@ -163,23 +206,59 @@ class Engine:
             self.metrics.ttft.observe(time.perf_counter() - seq.arrival)
         return out
 
+    def draft_lengths(self, seqs: list[Sequence]) -> list[int]:
+        """Each decoding sequence's draft length this step: at most K (fewer near
+        max_tokens or the cache's end), as the speculation policy chooses."""
+        caps = [max(0, min(self.k, s.remaining - 1, s.cache.capacity - len(s.tokens) - 1)) for s in seqs]
+        ks = self.policy.lengths([s.acceptance for s in seqs], caps)
+        if self.metrics is not None:
+            for k in ks:
+                self.metrics.draft_length.observe(k)
+        return ks
+
+    def draft(self, seq: Sequence, k: int) -> Proposal:
+        """The sequence's drafter proposes up to k tokens (`draft_lengths`)."""
+        if not k:
+            return Proposal([], None, [])
+        t0 = time.perf_counter()
+        proposal = seq.drafter.propose(seq, k, seq.params, seq.gen)
+        self.policy.observe_draft(time.perf_counter() - t0, len(proposal.tokens))
+        return proposal
+
+    def verify_ids(self, seq: Sequence, proposal: Proposal) -> Tensor:
+        """(K+1,): the last emitted token (not in the cache yet), then the K drafts."""
+        return torch.tensor([seq.tokens[-1], *proposal.tokens], dtype=torch.long, device=self.target.device)
+
     def step(self, seq: Sequence) -> StepOutput:
         """One draft -> verify -> accept step."""
-        params, cache = seq.params, seq.cache
         t_start = time.perf_counter()
-        num_draft = max(0, min(self.k, seq.remaining - 1, cache.capacity - len(seq.tokens) - 1))
-        proposal = Proposal([], None, [])
-        if num_draft:
-            proposal = seq.drafter.propose(seq, num_draft, params, seq.gen)
-        drafted = proposal.tokens
-        cached_len = cache.length  # the last emitted token is not in the cache yet
-        context = len(seq.tokens)
+        proposal = self.draft(seq, self.draft_lengths([seq])[0])
         t_drafted = time.perf_counter()
-        # the last emitted token, then the K drafted ones: (K+1,)
-        ids = torch.tensor([seq.tokens[-1], *drafted], dtype=torch.long, device=self.target.device)
-        logits, _, taps = self.target(ids, cache, hidden_layers=seq.drafter.hidden_layers)  # logits: (K+1, V)
+        ids = self.verify_ids(seq, proposal)
+        cached_len = seq.cache.length
+        logits, _, taps = self.target(
+            ids, seq.cache, hidden_layers=seq.drafter.hidden_layers
+        )  # logits: (K+1, V)
         t_verified = time.perf_counter()
-        draft_ids = ids[1:]  # (K,)
+        out = self.accept(seq, proposal, logits, taps, cached_len)
+        self.timing.add(t_drafted - t_start, t_verified - t_drafted, time.perf_counter() - t_verified)
+        seq.decode_s += t_verified - t_start
+        return out
+
+    def accept(
+        self,
+        seq: Sequence,
+        proposal: Proposal,
+        logits: Tensor,  # (K+1, V): the verify pass's rows
+        taps: list[Tensor],  # (K+1, d) each: the verify pass's residual streams
+        cached_len: int,  # cache length before the verify pass
+    ) -> StepOutput:
+        """Accept a prefix of the drafts, roll the cache back past the first
+        rejection, commit, log and emit (the single and the batched path alike)."""
+        params = seq.params
+        drafted = proposal.tokens
+        context = len(seq.tokens)
+        draft_ids = torch.tensor(drafted, dtype=torch.long, device=logits.device)  # (K,)
         scores = logits  # (K+1, V); logprobs and the block log keep the model's own
         if params.penalties is not None:  # row i counts the emitted tokens and drafted[:i]
             scores = apply_penalties(logits, seq.output_ids, drafted, params.penalties)
@@ -189,7 +268,7 @@ class Engine:
             num_accepted, next_token = rejection_verify(
                 draft_ids, proposal.probs, target_probs(scores, params), seq.gen
             )
-        cache.rollback(cached_len + 1 + num_accepted)
+        seq.cache.rollback(cached_len + 1 + num_accepted)
         self.stats.observe_draft(len(drafted), num_accepted)
         if drafted:
             seq.num_drafts += 1
@@ -199,11 +278,9 @@ class Engine:
         seq.drafter.commit(seq, num_accepted, taps)
         if self.block_sink is not None:
             self._log_block(seq, proposal, logits, num_accepted, next_token, context)
-        out = self._emit(seq, [*drafted[:num_accepted], next_token], logits[: num_accepted + 1])
-        self.timing.add(t_drafted - t_start, t_verified - t_drafted, time.perf_counter() - t_verified)
         seq.decode_tokens += num_accepted + 1
-        seq.decode_s += t_verified - t_start
-        return out
+        seq.acceptance.observe(len(drafted), num_accepted)
+        return self._emit(seq, [*drafted[:num_accepted], next_token], logits[: num_accepted + 1])
 
     def _pick(
         self,
@@ -251,7 +328,10 @@ class Engine:
         lsm = torch.log_softmax(logits.float(), dim=-1)
         k = len(proposal.tokens)
         top = torch.topk(lsm, min(self.block_topk, lsm.shape[-1]), dim=-1)
-        draft_lp = lsm[torch.arange(k, device=lsm.device), torch.tensor(proposal.tokens, dtype=torch.long, device=lsm.device)]
+        draft_lp = lsm[
+            torch.arange(k, device=lsm.device),
+            torch.tensor(proposal.tokens, dtype=torch.long, device=lsm.device),
+        ]
         obs = BlockObservation(
             request_id=seq.request_id,
             step=seq.steps,
@@ -326,23 +406,34 @@ class Engine:
         with torch.inference_mode():
             while not self._stop.is_set():
                 self._admit()
-                if not self._active:
-                    continue
-                seq = self._active.popleft()
-                if seq.cancelled:
-                    self._drop(seq, None)
-                    continue
-                try:
-                    out = self.start(seq) if seq.cache is None else self.step(seq)
-                except Exception as exc:  # one bad sequence must not stop the engine
-                    log.exception("sequence %s failed", seq.request_id)
-                    self._drop(seq, exc)
-                    continue
-                seq.emit(out)
-                if out.finish_reason is not None:
-                    self._drop(seq, None, out.finish_reason)
-                else:
-                    self._active.append(seq)
+                if self._active:
+                    self._iterate()
+
+    def _iterate(self) -> None:
+        """One batched iteration (`service.batching`): cancelled sequences leave
+        first; each output is emitted, and finished or failed sequences leave."""
+        running: list[Sequence] = []
+        for seq in self._active:
+            if seq.cancelled:
+                self._drop(seq, None)
+            else:
+                running.append(seq)
+        try:
+            results = batching.iteration(self, running)
+        except Exception as exc:  # a bug outside any one sequence: fail the batch, keep the engine
+            log.exception("engine iteration failed")
+            results = [(seq, exc) for seq in running]
+        gone: set[int] = set()
+        for seq, out in results:
+            if isinstance(out, BaseException):
+                self._drop(seq, out)
+                gone.add(id(seq))
+                continue
+            seq.emit(out)
+            if out.finish_reason is not None:
+                self._drop(seq, None, out.finish_reason)
+                gone.add(id(seq))
+        self._active = deque(seq for seq in running if id(seq) not in gone)
 
     def _admit(self) -> None:
         block = not self._active

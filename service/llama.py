@@ -1,5 +1,6 @@
 """A compact Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) with a
-preallocated KV cache, written for speculative decoding at batch size one.
+preallocated KV cache, written for speculative decoding (one sequence per forward;
+`service.ragged` runs several sequences' rows through the same layers).
 
 Why not transformers' forward: on a 135M model the per-call Python overhead of
 its cache objects and mask builders is a large share of a decode step. Here a

@@ -35,24 +35,7 @@ class Metrics:
             buckets=tuple(range(1, MAX_POSITIONS + 2)),
             registry=r,
         )
-        self.draft_length = Histogram(
-            p + "draft_length",
-            "Draft length K chosen per sequence and step (adaptive speculation: service/speculation.py)",
-            buckets=tuple(range(0, MAX_POSITIONS + 1)),
-            registry=r,
-        )
-        self.request_latency = Histogram(
-            p + "request_latency_seconds",
-            "End-to-end request latency",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
-        )
-        self.ttft = Histogram(
-            p + "time_to_first_token_seconds",
-            "Time from request arrival to its first generated token",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
-            registry=r,
-        )
+        self._add_load_series(r, p)
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter(p + "requests", "Finished requests", ["finish_reason"], registry=r)
@@ -83,6 +66,33 @@ class Metrics:
             self.drafter_reloads.labels(outcome=outcome)
         for reason in ("tau_regression", "speed_regression"):
             self.drafter_rollbacks.labels(reason=reason)
+
+    def _add_load_series(self, r: CollectorRegistry, p: str) -> None:
+        """Latency and batching: how loaded the engine is."""
+        self.request_latency = Histogram(
+            p + "request_latency_seconds",
+            "End-to-end request latency",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.ttft = Histogram(
+            p + "time_to_first_token_seconds",
+            "Time from request arrival to its first generated token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16),
+            registry=r,
+        )
+        self.draft_length = Histogram(
+            p + "draft_length",
+            "Draft length K chosen per sequence and step (adaptive speculation: service/speculation.py)",
+            buckets=tuple(range(MAX_POSITIONS + 1)),
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            p + "batch_size",
+            "Sequences in one target forward of the serving loop (decode steps and prompt chunks)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
 
     def set_drafter(self, kind: str, version: str) -> None:
         self.drafter_info.clear()

@@ -6,7 +6,12 @@ touched -- on a 2-core AVX2 EPYC a 5-row forward of the default model cost
 114 ms against 57 ms for one row. The prepacked oneDNN kernel skips that
 (80 ms for 5 rows, 55 ms for one; `benchmarks.forward_cost`), and it computes
 each row the same whatever the row count, where MKL's results differ in the
-last bits between a one-row and a many-row call.
+last bits between a one-row and a many-row call. One exception, found by
+tests/test_batching.py: for some shapes (the MLP's down projection, 1536
+inputs, on an AVX2 EPYC) oneDNN's one-row kernel sums in another order than
+its many-row one. Each packed layer probes this once when packed and, where
+they differ, runs a one-row call as two rows, so a row's result never depends
+on the batch (the batched serving loop's output equals single-stream output).
 
 `pack_linears(model)` swaps every `nn.Linear` of the target for a
 `PackedLinear` that keeps its `weight` Parameter (shared tensors such as a
@@ -27,6 +32,18 @@ def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _packed_linear(x: Tensor, packed: Tensor) -> Tensor:
+    """x: (M, in) float32 -> (M, out) through oneDNN's prepacked kernel."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+def _one_row_differs(packed: Tensor, in_features: int) -> bool:
+    """Whether a one-row call computes a row otherwise than a many-row call."""
+    probe = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0))  # (3, in)
+    with torch.no_grad():
+        return not torch.equal(_packed_linear(probe[:1], packed), _packed_linear(probe, packed)[:1])
+
+
 def _pack(weight: Tensor) -> Tensor | None:
     """The oneDNN layout of a float32 CPU weight (None: the plain path applies)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_meta or not packing_available():
@@ -42,25 +59,30 @@ class PackedLinear(nn.Module):
         self.weight = weight  # (out, in), shared with the module it replaces
         self.out_features, self.in_features = weight.shape
         self._packed = _pack(weight)
+        self._pad_one_row = self._packed is not None and _one_row_differs(self._packed, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
         packed = self._packed
         if packed is None or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
             return F.linear(x, self.weight)
         lead = x.shape[:-1]
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), packed, None, "none", [], "")
-        return out.view(*lead, self.out_features)
+        rows = x.reshape(-1, self.in_features)  # (M, in)
+        if self._pad_one_row and rows.shape[0] == 1:  # the many-row kernel, so the row matches a batch's
+            return _packed_linear(rows.expand(2, -1).contiguous(), packed)[:1].view(*lead, self.out_features)
+        return _packed_linear(rows, packed).view(*lead, self.out_features)
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .float() / .cuda(): repack or drop
         super()._apply(fn, recurse)
         self._packed = _pack(self.weight)
+        self._pad_one_row = self._packed is not None and _one_row_differs(self._packed, self.in_features)
         return self
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:  # the opaque packed tensor cannot be copied
         return PackedLinear(copy.deepcopy(self.weight, memo))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed={self._packed is not None}"
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, packed={self._packed is not None}, pad_one_row={self._pad_one_row}"
 
 
 def pack_linears(model: nn.Module) -> int:

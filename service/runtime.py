@@ -26,6 +26,7 @@ from .drafters.ngram import NgramDrafter
 from .drafters.none import NoDrafter
 from .blocklog.record import BlockObservation
 from .engine import Engine
+from .speculation import DraftLengthPolicy
 from .llama import LlamaModel, load_llama
 from .packed import pack_linears
 from .metrics import Metrics
@@ -304,6 +305,8 @@ def load_state(
         block_sink=build_block_sink(settings, metrics, target.model_id, on_close),
         block_topk=settings.block_topk,
         max_num_seqs=settings.max_num_seqs,
+        prefill_chunk=settings.prefill_chunk,
+        speculation=DraftLengthPolicy(settings.speculation, target.cost_points),
     )
     log.info(
         "serving %s with drafter %s v%s, K=%d, max_num_seqs=%d",

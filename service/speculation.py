@@ -50,6 +50,11 @@ class AcceptanceTracker:
         self.accepted = DECAY * self.accepted + accepted
         self.rejected = DECAY * self.rejected + (1.0 if accepted < drafted else 0.0)
 
+    def idle(self) -> None:
+        """A step the policy held this sequence at K = 0: drift towards the prior."""
+        self.accepted = DECAY * self.accepted + (1 - DECAY) * PRIOR_ACCEPTED
+        self.rejected = DECAY * self.rejected + (1 - DECAY) * PRIOR_REJECTED
+
     @property
     def alpha(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
@@ -108,3 +113,32 @@ def choose_lengths(
         rate = tokens / (cost(rows) + draft_cost * drafted)
         if rate > best_rate:
             best_rate, best = rate, list(ks)
+
+
+class DraftLengthPolicy:
+    """The engine's draft-length decision each step: `fixed` drafts up to each
+    sequence's cap; `adaptive` runs `choose_lengths` over the step's decoding
+    sequences with this machine's cost curve and the drafter's own cost per
+    drafted token (a running mean of what drafting took). A sequence held at
+    K = 0 learns nothing about its acceptance, so its estimate drifts back to
+    the prior (`AcceptanceTracker.idle`) until drafting is tried again."""
+
+    def __init__(self, mode: str = "fixed", cost_points: Sequence[tuple[int, float]] = ()) -> None:
+        if mode not in ("fixed", "adaptive"):
+            raise ValueError(f"speculation must be fixed or adaptive, not {mode!r}")
+        self.adaptive = mode == "adaptive" and len(cost_points) > 0
+        self.cost = curve_cost(cost_points) if self.adaptive else None
+        self.draft_cost = 0.0  # seconds per drafted token, running mean
+
+    def observe_draft(self, seconds: float, drafted: int) -> None:
+        if drafted > 0:
+            self.draft_cost = 0.9 * self.draft_cost + 0.1 * seconds / drafted
+
+    def lengths(self, trackers: Sequence[AcceptanceTracker], caps: Sequence[int]) -> list[int]:
+        if self.cost is None:
+            return list(caps)
+        ks = choose_lengths([t.alpha for t in trackers], caps, self.cost, self.draft_cost)
+        for t, k, cap in zip(trackers, ks, caps, strict=True):
+            if k == 0 and cap > 0:
+                t.idle()
+        return ks

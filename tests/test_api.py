@@ -396,7 +396,7 @@ def test_disconnect_mid_stream_frees_the_slot(
 # ---- admission control (in-process app: max_queue 0 refuses everything) ----------------
 
 
-def test_queue_full_is_429(settings, target) -> None:
+def test_queue_full_is_503_with_retry_after(settings, target) -> None:
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
@@ -418,9 +418,18 @@ def test_queue_full_is_429(settings, target) -> None:
     try:
         with TestClient(create_app(runtime=state)) as tc:
             r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
-            assert r.status_code == 429
-            assert r.json()["error"]["code"] == "server_overloaded"
+            assert r.status_code == 503
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"] == {
+                "message": r.json()["error"]["message"],
+                "type": "server_error",
+                "param": None,
+                "code": "server_overloaded",
+            }
             r = tc.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "stream": True})
-            assert r.status_code == 429
+            assert r.status_code == 503 and r.headers["retry-after"]
+            chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+            r = tc.post("/v1/chat/completions", json=chat)
+            assert r.status_code == 503 and r.headers["retry-after"]
     finally:
         engine.stop_loop()

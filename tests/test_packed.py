@@ -52,3 +52,18 @@ def test_real_target_is_packed_and_ties_stay_shared(target):
     assert pack_linears(model) == 0  # idempotent: nothing left to swap
     if model.cfg.tie_word_embeddings:
         assert model.lm_head.weight is model.embed_tokens.weight
+
+
+def test_every_target_linear_computes_a_row_the_same_at_any_row_count(target):
+    """The batched serving loop relies on it (a row's logits must not depend on
+    its batch): a one-row call, where oneDNN's one-row kernel sums otherwise,
+    runs as two rows."""
+    gen = torch.Generator().manual_seed(1)
+    linears = [m for m in target.model.modules() if isinstance(m, PackedLinear)]
+    assert linears
+    with torch.inference_mode():
+        for lin in {id(m): m for m in linears}.values():
+            x = torch.randn(37, lin.in_features, generator=gen)  # (37, in)
+            full = lin(x)
+            for rows in (slice(5, 6), slice(5, 7), slice(5, 10)):
+                assert torch.equal(lin(x[rows]), full[rows]), f"{lin}: rows {rows}"

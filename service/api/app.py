@@ -47,7 +47,7 @@ from .protocol import (
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 429, 500)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503)}
 router = APIRouter()
 
 

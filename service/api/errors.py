@@ -2,7 +2,8 @@
 `{"error": {"message", "type", "param", "code"}}`.
 
 - `APIError`: raised by handlers for checks that need the model (404 unknown
-  model, 400 context length / vocabulary); `EngineOverloaded` (queue full): 429.
+  model, 400 context length / vocabulary); `EngineOverloaded` (queue full): 503
+  with a `Retry-After` header (seconds).
 - request validation (wrong types, out-of-range values, body not JSON): 400
   with `param` naming the offending top-level field (OpenAI answers 400, not
   FastAPI's 422).
@@ -35,6 +36,7 @@ _TYPE_BY_STATUS = {
     401: "authentication_error",
     403: "permission_error",
     429: "rate_limit_error",
+    503: "server_error",
 }
 # union members pydantic puts into `loc`; they name types, not fields
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -118,7 +120,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _overloaded(request: Request, exc: EngineOverloaded) -> JSONResponse:
-    return error_response(APIError(429, str(exc), code="server_overloaded"))
+    # 503, not 429: the server is busy, the client did nothing wrong (OpenAI answers overload so)
+    response = error_response(APIError(503, str(exc), code="server_overloaded"))
+    response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:

@@ -249,7 +249,7 @@ async def sse_stream(events: AsyncIterator[str], request_id: str) -> AsyncIterat
             async for payload in payloads:
                 yield sse(payload)
     except EngineOverloaded as exc:
-        yield sse(json.dumps(error_body(str(exc), "rate_limit_error", code="server_overloaded")))
+        yield sse(json.dumps(error_body(str(exc), "server_error", code="server_overloaded")))
     except Exception:
         log.exception("stream %s failed", request_id)
         message = "The server had an error while processing your request."
