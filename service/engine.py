@@ -209,12 +209,17 @@ class Engine:
     def draft_lengths(self, seqs: list[Sequence]) -> list[int]:
         """Each decoding sequence's draft length this step: at most K (fewer near
         max_tokens or the cache's end), as the speculation policy chooses."""
-        caps = [max(0, min(self.k, s.remaining - 1, s.cache.capacity - len(s.tokens) - 1)) for s in seqs]
+        caps = [self._draft_cap(s) for s in seqs]
         ks = self.policy.lengths([s.acceptance for s in seqs], caps)
         if self.metrics is not None:
             for k in ks:
                 self.metrics.draft_length.observe(k)
         return ks
+
+    def _draft_cap(self, seq: Sequence) -> int:
+        if seq.drafter is None or seq.drafter.kind == "none":  # target-only: nothing to choose
+            return 0
+        return max(0, min(self.k, seq.remaining - 1, seq.cache.capacity - len(seq.tokens) - 1))
 
     def draft(self, seq: Sequence, k: int) -> Proposal:
         """The sequence's drafter proposes up to k tokens (`draft_lengths`)."""

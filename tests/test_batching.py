@@ -317,3 +317,22 @@ def test_batched_rejection_sampling_follows_the_target(target) -> None:
     assert chi_square(firsts, p1) < 18.5
     assert len(seconds) > 60 and chi_square(counts, p2) < 18.5
     assert 0 < engine.stats.num_accepted_tokens < engine.stats.num_draft_tokens  # both paths of the rule ran
+
+
+def test_adaptive_speculation_stays_exact_and_drafts_only_where_it_pays(target) -> None:
+    """DRAFTLOOP_SPECULATION=adaptive in the batched loop: the same tokens as
+    single-stream decoding whatever K it picks; on a curve where a row costs a
+    whole step nobody drafts, on a flat one everybody does."""
+    from service.speculation import DraftLengthPolicy
+
+    params = [replace(GREEDY, max_tokens=n) for n in (24, 3, 17, 9)]
+    want = [Engine(target.model, NgramDrafter(), target.eos_token_ids, 4).generate(j.prompt, j.params)
+            for j in mixed_jobs(target, params)]  # fmt: skip
+    for curve, drafts in (([(1, 1.0), (64, 64.0)], False), ([(1, 1.0), (64, 1.0)], True)):
+        policy = DraftLengthPolicy("adaptive", curve)
+        engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, metrics=Metrics(), speculation=policy)
+        jobs = mixed_jobs(target, params)
+        run_loop(engine, jobs)
+        assert [j.tokens for j in jobs] == want
+        chosen = engine.metrics.registry.get_sample_value("draftloop_draft_length_sum")
+        assert (chosen > 0) == drafts and (engine.stats.num_drafts > 0) == drafts

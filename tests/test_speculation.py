@@ -71,3 +71,26 @@ def test_batch_widths_reach_the_largest_batched_verify() -> None:
     assert batch_widths(4, 8) == [8, 16, 32, 40]
     assert batch_widths(4, 1) == []  # one sequence: the dense 1..K+1 curve is all there is
     assert batch_widths(0, 16) == [8, 16]
+
+
+def test_policy_fixed_drafts_to_the_caps_and_adaptive_probes_again_after_idling() -> None:
+    from service.speculation import DraftLengthPolicy
+
+    trackers = [AcceptanceTracker(), AcceptanceTracker()]
+    assert DraftLengthPolicy("fixed").lengths(trackers, [4, 2]) == [4, 2]
+    assert DraftLengthPolicy("adaptive", ()).lengths(trackers, [4, 2]) == [4, 2]  # no curve: fixed
+    cpu = [(1, 1.0), (2, 1.1), (5, 1.35)]
+    policy = DraftLengthPolicy("adaptive", cpu)
+    t = AcceptanceTracker()
+    for _ in range(40):
+        t.observe(4, 0)  # a drafter that is never right
+    assert policy.lengths([t], [4]) == [0]
+    steps = 0
+    while policy.lengths([t], [4]) == [0]:  # held at 0, the estimate drifts back until it probes
+        steps += 1
+        assert steps < 200
+    assert steps > 3
+    policy.observe_draft(0.5, 1)  # drafting is dear: a cost per token the rule takes into account
+    assert policy.draft_cost > 0
+    with pytest.raises(ValueError):
+        DraftLengthPolicy("sometimes")
