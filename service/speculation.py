@@ -23,6 +23,7 @@ Pure functions and a small mutable estimate; the engine calls them each step
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -97,22 +98,27 @@ def choose_lengths(
     ks = [0] * n
     if n == 0:
         return ks
-    tokens = float(n)
-    rows = n
-    drafted = 0
-    best_rate, best = tokens / cost(rows), list(ks)
-    while True:
-        open_ = [i for i in range(n) if ks[i] < caps[i]]
-        if not open_:
-            return best
-        i = max(open_, key=lambda j: alphas[j] ** (ks[j] + 1))
-        tokens += alphas[i] ** (ks[i] + 1)
+    tokens, rows, drafted = float(n), n, 0
+    best_rate, best_drafted = tokens / cost(rows), 0
+    # max-heap of each open sequence's next gain α^(K+1); the path is replayed to its best point
+    heap = [(-alphas[i], i) for i in range(n) if caps[i] > 0]
+    heapq.heapify(heap)
+    path: list[int] = []
+    while heap:
+        gain, i = heapq.heappop(heap)
+        tokens -= gain
         ks[i] += 1
-        rows += 1
-        drafted += 1
+        path.append(i)
+        rows, drafted = rows + 1, drafted + 1
         rate = tokens / (cost(rows) + draft_cost * drafted)
         if rate > best_rate:
-            best_rate, best = rate, list(ks)
+            best_rate, best_drafted = rate, drafted
+        if ks[i] < caps[i]:
+            heapq.heappush(heap, (gain * alphas[i], i))
+    best = [0] * n
+    for i in path[:best_drafted]:
+        best[i] += 1
+    return best
 
 
 class DraftLengthPolicy:
