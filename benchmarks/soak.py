@@ -70,6 +70,7 @@ ROLLBACKS = "draftloop_drafter_rollbacks_total"  # summed over ROLLBACK_REASONS
 DROPPED = "draftloop_block_records_dropped_total"
 WRITTEN = "draftloop_block_records_written_total"
 ABORTS = "draftloop_requests_total{finish_reason=abort}"
+BACKLOG_PENDING = "draftloop_block_backlog{state=pending}"  # the killed worker's read, unacked blocks
 
 
 class Soak:
@@ -228,7 +229,7 @@ class Soak:
         self.traffic.start()
         try:
             time.sleep(steady_s)
-            self.fault("worker_kill", self.kill_worker)
+            self.fault("worker_kill", self.kill_worker, BACKLOG_PENDING)
             self.fault("redis_restart", self.restart_redis, DROPPED)
             self.fault("update", self.update)
             self.fault("disconnects", self.disconnect, ABORTS)

@@ -47,6 +47,13 @@ class Metrics:
         self.block_records_dropped = Counter(
             p + "block_records_dropped", "Block records dropped (queue full or Redis unavailable)", registry=r
         )
+        self.block_backlog = Gauge(
+            p + "block_backlog",
+            "Block records the training consumer group has not finished, read at scrape time: "
+            "undelivered (no worker read them yet) and pending (read, not acked: an update under way, or a worker that died)",
+            ["state"],
+            registry=r,
+        )
         self.drafter_version = Gauge(p + "drafter_version", "Version number of the serving drafter", registry=r)
         self.drafter_info = Gauge(
             p + "drafter_info", "The serving drafter (value 1)", ["kind", "version"], registry=r

@@ -266,6 +266,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     on_close: list[Callable[[], None]] = field(default_factory=list)
     namespace: str = checkpoints.DEFAULT_NAMESPACE  # of the drafter pointer the server follows
+    # refreshes the training backlog gauges from Redis (a scrape of /metrics calls it; None: no block log)
+    probe_backlog: Callable[[], None] | None = None
 
     @property
     def model_names(self) -> set[str]:
@@ -281,6 +283,31 @@ class ServerState:
         self.engine.stop_loop()
         for fn in self.on_close:
             fn()
+
+
+def backlog_probe(settings: Settings, metrics: Metrics) -> Callable[[], None] | None:
+    """With the block log on: a function that reads the training consumer
+    group's backlog from Redis into `draftloop_block_backlog` (a worker killed
+    mid-update leaves its read blocks pending: this is where the server shows
+    it). Redis down: the gauges keep their last values, the probe logs at debug."""
+    if not settings.block_log:
+        return None
+    from redis import RedisError
+
+    from .blocklog import group_backlog
+
+    client = Redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=0.5)
+
+    def probe() -> None:
+        try:
+            undelivered, pending = group_backlog(client, settings.block_stream)
+        except RedisError as exc:
+            log.debug("block backlog not read: %s", exc)
+            return
+        metrics.block_backlog.labels(state="undelivered").set(undelivered)
+        metrics.block_backlog.labels(state="pending").set(pending)
+
+    return probe
 
 
 def load_state(
@@ -318,5 +345,6 @@ def load_state(
     )
     async_engine = AsyncEngine(engine, settings.max_queue)
     return ServerState(
-        settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace
-    )
+        settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace,
+        probe_backlog=backlog_probe(settings, metrics),
+    )  # fmt: skip

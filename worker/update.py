@@ -63,7 +63,7 @@ import numpy as np
 import redis
 
 from service import checkpoints
-from service.blocklog import BlockConsumer, BlockRecord, entry_id_key
+from service.blocklog import TRAINING_GROUP, BlockConsumer, BlockRecord, entry_id_key
 from service.config import Settings
 from service.drafters import eagle3
 
@@ -82,7 +82,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GROUP = "opd"
+GROUP = TRAINING_GROUP
 # One consumer name for every worker: the training lock already serialises runs,
 # and a run after a crash must find the crashed run's pending entries as its own.
 CONSUMER = "trainer"

@@ -84,6 +84,8 @@ async def health(state: StateDep) -> Health:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(state: StateDep) -> Response:
+    if state.probe_backlog is not None:  # a Redis round trip: off the event loop
+        await asyncio.to_thread(state.probe_backlog)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -61,6 +61,15 @@ class PendingSummary:
     last_id: str | None
 
 
+TRAINING_GROUP = "opd"  # the consumer group the workers train from (worker.update)
+
+
+def group_backlog(client: redis.Redis, stream: str, group: str = TRAINING_GROUP) -> tuple[int, int]:
+    """(undelivered, pending) entries of `group` on `stream`: not yet read by a
+    worker, and read but not acked (a worker mid-update, or one that died)."""
+    return BlockConsumer(client, stream, group, "backlog-probe").waiting(at_least=100_000)
+
+
 class BlockConsumer:
     """One named consumer of one consumer group on the block stream.
 
