@@ -38,7 +38,6 @@ import os
 import random
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any

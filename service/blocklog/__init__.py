@@ -25,9 +25,8 @@ from .writer import BlockLogger
 
 __all__ = [
     "SCHEMA_VERSION",
-    "BlockConsumer",
     "TRAINING_GROUP",
-    "group_backlog",
+    "BlockConsumer",
     "BlockLogger",
     "BlockObservation",
     "BlockRecord",
@@ -40,4 +39,5 @@ __all__ = [
     "decode",
     "encode",
     "entry_id_key",
+    "group_backlog",
 ]
