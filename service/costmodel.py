@@ -231,7 +231,7 @@ def _cached(
     if found is not None:
         return found
     t0 = time.perf_counter()
-    seconds = measure_widths(model, widths, context)
+    seconds = measure_curve(model, max(widths), context) if dense else measure_widths(model, widths, context)
     log.info("verify-cost curve %s measured in %.1f s", key["dtype"], time.perf_counter() - t0)
     path = _curve_path(cache_dir, key)
     try:

@@ -336,3 +336,21 @@ def test_adaptive_speculation_stays_exact_and_drafts_only_where_it_pays(target) 
         assert [j.tokens for j in jobs] == want
         chosen = engine.metrics.registry.get_sample_value("draftloop_draft_length_sum")
         assert (chosen > 0) == drafts and (engine.stats.num_drafts > 0) == drafts
+
+
+def test_a_seeded_sampled_sequence_drafts_its_cap_under_adaptive_speculation(target) -> None:
+    """Its random draws follow its drafts, so it must not draft by the batch:
+    alone or beside others, the same tokens (choice j of n = a request with seed + j)."""
+    from service.speculation import DraftLengthPolicy
+
+    sampled = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
+    curve = [(1, 1.0), (64, 64.0)]  # rows at full price: the rule would pick K = 0 for everyone
+    prompts = heldout_prompt_ids(target.tokenizer)
+    runs = []
+    for others in (0, 3):
+        engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, metrics=Metrics(),
+                        speculation=DraftLengthPolicy("adaptive", curve))  # fmt: skip
+        jobs = [Job(list(prompts[0]), sampled)] + [Job(list(prompts[i + 1]), GREEDY) for i in range(others)]
+        run_loop(engine, jobs)
+        runs.append(jobs[0].tokens)
+    assert runs[0] == runs[1] and len(runs[0]) > 0
