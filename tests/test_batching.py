@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -344,7 +345,7 @@ def test_a_seeded_sampled_sequence_drafts_its_cap_under_adaptive_speculation(tar
     from service.speculation import DraftLengthPolicy
 
     sampled = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
-    curve = [(1, 1.0), (64, 64.0)]  # rows at full price: the rule would pick K = 0 for everyone
+    curve = [(1, 1.0), (5, 1.0), (6, 6.0), (64, 64.0)]  # 5 rows free, then full price: K depends on the batch
     prompts = heldout_prompt_ids(target.tokenizer)
     runs = []
     for others in (0, 3):
@@ -354,3 +355,9 @@ def test_a_seeded_sampled_sequence_drafts_its_cap_under_adaptive_speculation(tar
         run_loop(engine, jobs)
         runs.append(jobs[0].tokens)
     assert runs[0] == runs[1] and len(runs[0]) > 0
+    # the rule itself: on that curve a batch of 4 leaves the greedy ones at K = 0, the seeded one at its cap
+    engine = Engine(target.model, NgramDrafter(), target.eos_token_ids, 4, speculation=DraftLengthPolicy("adaptive", [(1, 1.0), (64, 64.0)]))
+    seqs = [Sequence(f"s{i}", list(prompts[0]), p, lambda _: None) for i, p in enumerate([sampled, GREEDY, GREEDY])]
+    for seq in seqs:
+        seq.drafter, seq.cache, seq.tokens = NgramDrafter(), SimpleNamespace(capacity=1000), [*seq.prompt_ids, 1]
+    assert engine.draft_lengths(seqs) == [4, 0, 0]
