@@ -93,6 +93,12 @@ def start_serve(workdir: Path, cache_dir: Path, env: dict[str, str], timeout_s: 
     cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     server = Child("server", cmd, full, workdir / "server.log").start()
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(server, url, timeout_s)
+    return server, url
+
+
+def wait_healthy(server: Child, url: str, timeout_s: float) -> None:
+    """Until `url`/health answers 200; RuntimeError with its log tail if the server exits."""
 
     def healthy() -> bool:
         if not server.alive:
@@ -102,8 +108,7 @@ def start_serve(workdir: Path, cache_dir: Path, env: dict[str, str], timeout_s: 
         except httpx.HTTPError:
             return False
 
-    wait_for("the server", healthy, timeout_s)
-    return server, url
+    wait_for("the server to be healthy", healthy, timeout_s)
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -204,16 +209,7 @@ class SoakStack:
         cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
         env = self.env(DRAFTLOOP_API_KEYS=self.api_key, **self.server_env)
         self.server = Child("server", cmd, env, self.workdir / "server.log").start()
-
-        def healthy() -> bool:
-            if not self.server.alive:
-                raise RuntimeError(f"the server exited:\n{self.server.tail()}")
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for("the server to be healthy", healthy, timeout_s)
+        wait_healthy(self.server, self.url, timeout_s)
 
     def start_worker(self) -> None:
         self.worker_starts += 1
