@@ -210,9 +210,9 @@ class Engine:
         """Each decoding sequence's draft length this step: at most K (fewer near
         max_tokens or the cache's end), as the speculation policy chooses."""
         caps = [self._draft_cap(s) for s in seqs]
-        ks = self.policy.lengths([s.acceptance for s in seqs], caps)
         # a seeded sampled request drafts its cap: its random draws then do not depend on the batch
-        ks = [c if s.params.seed is not None and not s.params.greedy else k for s, k, c in zip(seqs, ks, caps)]
+        pinned = [s.params.seed is not None and not s.params.greedy for s in seqs]
+        ks = self.policy.lengths([s.acceptance for s in seqs], caps, pinned)
         if self.metrics is not None:
             for k in ks:
                 self.metrics.draft_length.observe(k)

@@ -49,8 +49,6 @@ class Target:
     eos_token_ids: set[int]
     stop_thresholds: tuple[float, ...] = ()  # per draft slot, from the verify-cost curve (service.costmodel)
     cost: dict = field(default_factory=dict)  # the measured curve, dtype choice and thresholds (/health)
-    # (rows, seconds) of one forward: 1..K+1 rows and the batch widths (service.speculation)
-    cost_points: tuple[tuple[int, float], ...] = ()
 
 
 def pick_device(setting: str) -> torch.device:
@@ -94,9 +92,6 @@ def load_target(settings: Settings) -> Target:
         settings.min_confidence, cost["verify_seconds"], settings.num_speculative_tokens
     )
     cost.update(min_confidence=settings.min_confidence, stop_thresholds=thresholds)
-    widths = costmodel.batch_widths(settings.num_speculative_tokens, settings.max_num_seqs)
-    points = [*enumerate(cost["verify_seconds"], 1), *costmodel.cached_points(model, str(path), widths, settings.cache_dir)]
-    cost["batch_seconds"] = {str(r): s for r, s in points[rows:]}
     tokenizer = AutoTokenizer.from_pretrained(path)
     eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     cfg_eos = json.loads((path / "config.json").read_text()).get("eos_token_id")
@@ -106,7 +101,7 @@ def load_target(settings: Settings) -> Target:
     )
     log.info("target %s loaded from %s on %s/%s", name, path, device, model.dtype)
     log.info("verify cost %s s (1..%d rows); stop thresholds %s", cost["verify_seconds"], rows, thresholds)
-    return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost, tuple(points))
+    return Target(model, tokenizer, path, name, settings.target_model, eos, tuple(thresholds), cost)
 
 
 def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int, pack: bool = True) -> tuple[LlamaModel, dict]:
@@ -285,6 +280,18 @@ class ServerState:
             fn()
 
 
+def speculation_policy(settings: Settings, target: Target) -> DraftLengthPolicy:
+    """The serving engine's draft-length rule. `adaptive` needs the forward's
+    cost at batch widths beside the 1..K+1 verify curve: measured here (once per
+    machine, cached), since only a serving engine batches; /health shows them."""
+    if settings.speculation != "adaptive":
+        return DraftLengthPolicy("fixed")
+    widths = costmodel.batch_widths(settings.num_speculative_tokens, settings.max_num_seqs)
+    extra = costmodel.cached_points(target.model, str(target.path), widths, settings.cache_dir)
+    target.cost["batch_seconds"] = {str(rows): s for rows, s in extra}
+    return DraftLengthPolicy("adaptive", [*enumerate(target.cost.get("verify_seconds", ()), 1), *extra])
+
+
 def backlog_probe(settings: Settings, metrics: Metrics) -> Callable[[], None] | None:
     """With the block log on: a function that reads the training consumer
     group's backlog from Redis into `draftloop_block_backlog` (a worker killed
@@ -333,7 +340,7 @@ def load_state(
         block_topk=settings.block_topk,
         max_num_seqs=settings.max_num_seqs,
         prefill_chunk=settings.prefill_chunk,
-        speculation=DraftLengthPolicy(settings.speculation, target.cost_points),
+        speculation=speculation_policy(settings, target),
     )
     log.info(
         "serving %s with drafter %s v%s, K=%d, max_num_seqs=%d",

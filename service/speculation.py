@@ -91,17 +91,22 @@ def choose_lengths(
     caps: Sequence[int],
     cost: Callable[[int], float],
     draft_cost: float = 0.0,
+    floors: Sequence[int] | None = None,
 ) -> list[int]:
-    """Draft lengths K_i ∈ [0, caps[i]] maximising the step's goodput (module
-    docstring). draft_cost: seconds of one drafted token's own draft step."""
+    """Draft lengths K_i ∈ [floors[i], caps[i]] maximising the step's goodput
+    (module docstring). draft_cost: seconds of one drafted token's own draft
+    step. floors (default 0): lengths fixed beforehand, whose rows still count."""
     n = len(alphas)
-    ks = [0] * n
+    ks = list(floors) if floors is not None else [0] * n
     if n == 0:
         return ks
-    tokens, rows, drafted = float(n), n, 0
-    best_rate, best_drafted = tokens / cost(rows), 0
+    start = list(ks)
+    tokens = sum(expected_tokens(a, k) for a, k in zip(alphas, ks, strict=True))
+    drafted = sum(ks)
+    rows = n + drafted
+    best_rate, best_drafted = tokens / (cost(rows) + draft_cost * drafted), 0
     # max-heap of each open sequence's next gain α^(K+1); the path is replayed to its best point
-    heap = [(-alphas[i], i) for i in range(n) if caps[i] > 0]
+    heap = [(-(alphas[i] ** (ks[i] + 1)), i) for i in range(n) if ks[i] < caps[i]]
     heapq.heapify(heap)
     path: list[int] = []
     while heap:
@@ -112,13 +117,12 @@ def choose_lengths(
         rows, drafted = rows + 1, drafted + 1
         rate = tokens / (cost(rows) + draft_cost * drafted)
         if rate > best_rate:
-            best_rate, best_drafted = rate, drafted
+            best_rate, best_drafted = rate, len(path)
         if ks[i] < caps[i]:
             heapq.heappush(heap, (gain * alphas[i], i))
-    best = [0] * n
     for i in path[:best_drafted]:
-        best[i] += 1
-    return best
+        start[i] += 1
+    return start
 
 
 class DraftLengthPolicy:
@@ -140,10 +144,15 @@ class DraftLengthPolicy:
         if drafted > 0:
             self.draft_cost = 0.9 * self.draft_cost + 0.1 * seconds / drafted
 
-    def lengths(self, trackers: Sequence[AcceptanceTracker], caps: Sequence[int]) -> list[int]:
+    def lengths(
+        self, trackers: Sequence[AcceptanceTracker], caps: Sequence[int], pinned: Sequence[bool] | None = None
+    ) -> list[int]:
+        """Each sequence's draft length; a `pinned` one drafts its cap whatever
+        the rule would pick (its rows still count in the others' choice)."""
         if self.cost is None:
             return list(caps)
-        ks = choose_lengths([t.alpha for t in trackers], caps, self.cost, self.draft_cost)
+        floors = [c if p else 0 for c, p in zip(caps, pinned, strict=True)] if pinned is not None else None
+        ks = choose_lengths([t.alpha for t in trackers], caps, self.cost, self.draft_cost, floors)
         for t, k, cap in zip(trackers, ks, caps, strict=True):
             if k == 0 and cap > 0:
                 t.idle()

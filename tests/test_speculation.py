@@ -94,3 +94,13 @@ def test_policy_fixed_drafts_to_the_caps_and_adaptive_probes_again_after_idling(
     assert policy.draft_cost > 0
     with pytest.raises(ValueError):
         DraftLengthPolicy("sometimes")
+
+
+def test_floors_are_kept_and_their_rows_count_in_the_others_choice() -> None:
+    step = curve_cost([(1, 1.0), (5, 1.0), (6, 6.0), (64, 64.0)])  # 5 rows free, then full price
+    free = choose_lengths([0.5, 0.5], [4, 4], step)
+    assert sum(free) == 3  # two rows + three drafts fill the free five
+    pinned = choose_lengths([0.5, 0.5], [4, 4], step, floors=[4, 0])
+    # the pinned four fill the free rows; the other's draft now costs a full row:
+    # K=0: 2.9375 tokens / 6 = 0.490, K=1: 3.4375 / 7 = 0.491, K=2: 3.6875 / 8 = 0.461
+    assert pinned == [4, 1]
