@@ -38,6 +38,7 @@ from typing import Any
 import openai
 
 from benchmarks.soak_stack import scrape, start_serve
+from benchmarks.soak_traffic import quantile
 from service.config import Settings
 
 log = logging.getLogger("benchmarks.load")
@@ -108,13 +109,6 @@ class Level:
         return Request(t0, time.monotonic(), ttft, tokens)
 
 
-def _q(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 3)
-
-
 def summarize(done: list[Request], clients: int) -> dict[str, Any]:
     ok = [r for r in done if not r.error]
     span = max(r.end for r in done) - min(r.start for r in done) if done else 0.0
@@ -125,8 +119,8 @@ def summarize(done: list[Request], clients: int) -> dict[str, Any]:
         "concurrency": clients, "requests": len(done), "errors": len(done) - len(ok),
         "completion_tokens": tokens, "seconds": round(span, 2),
         "tokens_per_s": round(tokens / span, 2) if span > 0 else None,
-        "latency_p50_s": _q(latency, 0.5), "latency_p99_s": _q(latency, 0.99),
-        "ttft_p50_s": _q(ttft, 0.5), "ttft_p99_s": _q(ttft, 0.99),
+        "latency_p50_s": quantile(latency, 0.5), "latency_p99_s": quantile(latency, 0.99),
+        "ttft_p50_s": quantile(ttft, 0.5), "ttft_p99_s": quantile(ttft, 0.99),
     }  # fmt: skip
 
 

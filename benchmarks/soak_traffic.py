@@ -28,7 +28,7 @@ class Outcome:
     fingerprint: str = ""  # system_fingerprint: the drafter that served it
 
 
-def _quantile(xs: list[float], q: float) -> float | None:
+def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     xs = sorted(xs)
@@ -120,7 +120,7 @@ class Traffic:
         for name in dict.fromkeys(o.phase for o in outs):
             lat = [o.latency_s for o in outs if o.phase == name and o.ok]
             n = sum(o.phase == name for o in outs)
-            phases[name] = {"requests": n, "ok": len(lat), "p50_s": _quantile(lat, 0.5), "p99_s": _quantile(lat, 0.99)}
+            phases[name] = {"requests": n, "ok": len(lat), "p50_s": quantile(lat, 0.5), "p99_s": quantile(lat, 0.99)}
         return {
             "sent": len(outs) + self.aborted,
             "ok": len(outs) - len(failed),
