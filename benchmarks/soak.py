@@ -24,7 +24,8 @@ and not) send requests the whole time, while the soak, in order:
 
 Baseline and after-phases last a fraction of M each; the faults take what they
 take (the report has their times). The JSON report: requests sent / ok /
-failed by reason, p50/p99 latency per phase, server RSS at start and end,
+failed by reason, p50/p99 latency per phase, server RSS (start, after warm-up,
+end, and every 30 s),
 Redis memory, stream length against its cap, block records written / dropped,
 versions published / refused / rolled back, and each fault with what it left
 in the report and on /metrics. Benchmarks may import anything (worker too)."""
@@ -38,6 +39,7 @@ import os
 import random
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,7 @@ GUARD = {"window": 12, "min_requests": 6}
 OPD_TRAIN = {  # seconds, not minutes, on one core: the soak is about faults, not about τ
     "epochs": 1, "batch_tokens": 256, "max_seconds": 10.0, "gate_requests": 2, "gate_max_tokens": 12, "gate_resamples": 200,
 }
+RSS_EVERY_S = 30.0  # server RSS sampling period
 REFUSED = "draftloop_drafter_reloads_total{outcome=refused}"
 ROLLBACK_REASONS = ("tau_regression", "speed_regression")
 ROLLBACKS = "draftloop_drafter_rollbacks_total"  # summed over ROLLBACK_REASONS
@@ -93,6 +96,9 @@ class Soak:
         self.target = None
         self.prompts: list[str] = [p for p in sharegpt_prompts("train", limit=60) if len(p) < 120][:8]
         self.traffic: Traffic | None = None
+        self.rss: list[tuple[float, int]] = []  # (seconds since traffic start, server RSS bytes)
+        self.warm_rss: int | None = None  # at the end of the steady baseline, before the first fault
+        self._sampling = threading.Event()
 
     # ---- set-up ---------------------------------------------------------------
     def setup(self) -> None:
@@ -219,6 +225,13 @@ class Soak:
     def ok_count(self) -> int:
         return sum(o.ok for o in list(self.traffic.outcomes))
 
+    def sample_rss(self) -> None:
+        """Server RSS every RSS_EVERY_S until the run ends (a thread)."""
+        while not self._sampling.wait(RSS_EVERY_S):
+            rss = self.stack.server_rss()
+            if rss is not None:
+                self.rss.append((self.now(), rss))
+
     # ---- the run ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         s = self.stack
@@ -226,8 +239,11 @@ class Soak:
         rss0, redis0 = s.server_rss(), s.redis_info()
         self.t0 = time.monotonic()
         self.traffic.start()
+        sampler = threading.Thread(target=self.sample_rss, name="rss", daemon=True)
+        sampler.start()
         try:
             time.sleep(steady_s)
+            self.warm_rss = s.server_rss()
             self.fault("worker_kill", self.kill_worker, BACKLOG_PENDING)
             self.fault("redis_restart", self.restart_redis, DROPPED)
             self.fault("update", self.update)
@@ -238,6 +254,7 @@ class Soak:
             time.sleep(max(steady_s, 60.0 * self.minutes - self.now()))
         finally:
             self.traffic.stop()
+            self._sampling.set()
         return self.report(rss0, redis0)
 
     def report(self, rss0: int | None, redis0: dict[str, int]) -> dict[str, Any]:
@@ -249,7 +266,7 @@ class Soak:
         return {
             "minutes": self.minutes, "wall_s": self.now(), "clients": self.clients,
             "requests": self.traffic.summary(),
-            "server_rss_bytes": {"start": rss0, "end": rss1, "growth": (rss1 / rss0 - 1) if rss0 and rss1 else None},
+            "server_rss_bytes": rss_report(rss0, self.warm_rss, rss1, self.rss),
             "redis": {"start": redis0, "end": redis1},
             "stream": {"length": stream_len, "maxlen": STREAM_MAXLEN, "within_cap": stream_len <= STREAM_MAXLEN * 1.1},
             "block_records": {"written": m.get(WRITTEN), "dropped": m.get(DROPPED)},
@@ -262,6 +279,23 @@ class Soak:
             "faults": self.faults,
             "all_faults_in_report": all(f["in_report"] for f in self.faults),
         }  # fmt: skip
+
+
+def rss_report(start: int | None, warm: int | None, end: int | None, series: list[tuple[float, int]]) -> dict[str, Any]:
+    """Server RSS at start (before traffic), warm (after the baseline phase) and
+    end; `growth` is end over start (warm-up included, the goal's figure),
+    `growth_after_warmup` end over warm; `series` the samples, to tell a leak
+    (a steady climb) from warm-up and fault steps."""
+
+    def ratio(a: int | None, b: int | None) -> float | None:
+        return (b / a - 1) if a and b else None
+
+    known = [r for _, r in series] + [r for r in (start, warm, end) if r]
+    return {
+        "start": start, "warm": warm, "end": end, "peak": max(known) if known else None,
+        "growth": ratio(start, end), "growth_after_warmup": ratio(warm, end),
+        "series": [[t, r] for t, r in series],
+    }  # fmt: skip
 
 
 def soak(minutes: float, out: Path | None, clients: int = 2, cache_dir: Path | None = None) -> dict[str, Any]:

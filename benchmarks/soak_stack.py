@@ -22,6 +22,8 @@ import httpx
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.stack import allocator_env
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +176,7 @@ class SoakStack:
             "DRAFTLOOP_CHECKPOINT_DIR": str(self.checkpoint_dir),
             "DRAFTLOOP_REDIS_URL": self.redis_url,
             "DRAFTLOOP_DTYPE": "float32",
+            **allocator_env(),
             **extra,
         }
 

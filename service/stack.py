@@ -20,6 +20,17 @@ from .modelstore import fetch_default_model
 
 log = logging.getLogger(__name__)
 
+# glibc malloc: at most two arenas per process. With its default (8 per core) the
+# server's threads (engine loop, HTTP pool, block-log writer) each grow an arena
+# and RSS creeps up under steady traffic (docs/results.md, soak). An explicit
+# setting in the environment wins.
+ALLOCATOR_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def allocator_env() -> dict[str, str]:
+    """ALLOCATOR_ENV, less what the environment already sets."""
+    return {k: v for k, v in ALLOCATOR_ENV.items() if k not in os.environ}
+
 
 def ensure_redis(url: str) -> subprocess.Popen | None:
     """Ping Redis; when nothing answers on a local URL, start a throwaway redis-server."""
@@ -74,7 +85,7 @@ def up(settings: Settings) -> int:
         fetch_default_model(settings.cache_dir, progress=log.info)
     Path(settings.cache_dir).mkdir(parents=True, exist_ok=True)
     redis_proc = ensure_redis(settings.redis_url)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **allocator_env())
     threads = thread_envs(settings)
     procs: dict[str, subprocess.Popen] = {}
     stopping = False
