@@ -11,6 +11,7 @@ an integer, and the verify pass can hand back the hidden states of any layers.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -289,22 +290,50 @@ def load_llama(path: str | Path, dtype=torch.float32, device="cpu", max_len: int
 
 
 def new_padded_cache(model: LlamaModel, batch: int, capacity: int) -> tuple[Tensor, Tensor]:
-    """Empty keys and values for `batched_forward`: (layers, B, kv, capacity, hd) each."""
+    """Zeroed keys and values for `batched_forward`: (layers, B, kv, capacity, hd)
+    each. Zeroed, since a few-query forward attends over the whole capacity with
+    the unwritten columns masked, and 0 * garbage could be nan."""
     cfg = model.cfg
     shape = (cfg.num_layers, batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     return (
-        torch.empty(shape, dtype=model.dtype, device=model.device),
-        torch.empty(shape, dtype=model.dtype, device=model.device),
+        torch.zeros(shape, dtype=model.dtype, device=model.device),
+        torch.zeros(shape, dtype=model.dtype, device=model.device),
     )
 
 
-def padded_mask(cols: Tensor, pad: Tensor) -> Tensor:
-    """(B, 1, T, end) bool: query column c of row b sees key columns pad[b]..c;
-    a padding column sees itself (so that no softmax row is empty).
+def padded_mask(cols: Tensor, pad: Tensor, width: int | None = None) -> Tensor:
+    """(B, 1, T, width) bool: query column c of row b sees key columns pad[b]..c;
+    a padding column sees itself (so that no softmax row is empty). width:
+    key columns (default: up to the last query's, cols[-1] + 1).
     cols: (T,) cache columns of the queries; pad: (B,) left-padding columns."""
-    keys = torch.arange(int(cols[-1]) + 1, device=cols.device)
+    keys = torch.arange(int(cols[-1]) + 1 if width is None else width, device=cols.device)
     mask = (keys[None, None, :] <= cols[None, :, None]) & (keys[None, None, :] >= pad[:, None, None])
     return (mask | (keys[None, None, :] == cols[None, :, None])).unsqueeze(1)
+
+
+# At most this many queries per row, `batched_forward` attends with two plain
+# batched matmuls over the whole cache (`grouped_attention`): torch's CPU flash
+# kernel for SDPA with a mask spent ~90 % of a 128-row bf16 decode step, tiling
+# for long queries it does not have (docs/results.md).
+FEW_QUERIES = 16
+
+
+def grouped_attention(
+    q: Tensor,  # (B, h, T, hd)
+    k: Tensor,  # (B, kv, L, hd), contiguous (bmm copies a strided view)
+    v: Tensor,  # (B, kv, L, hd)
+    mask: Tensor,  # (B, 1, T, L) bool, True where a query sees a key
+) -> Tensor:
+    """Masked grouped-query attention as two batched matmuls, without repeating
+    the keys and values per group; softmax in float32 -> (B, h, T, hd)."""
+    batch, heads, t, hd = q.shape
+    kv = k.shape[1]
+    groups, length = heads // kv, k.shape[2]
+    qg = q.reshape(batch * kv, groups * t, hd)  # a group's heads share their kv head
+    scores = torch.bmm(qg, k.flatten(0, 1).transpose(1, 2)).float() * (1.0 / math.sqrt(hd))  # (B*kv, g*T, L)
+    scores = scores.view(batch, kv, groups, t, length).masked_fill(~mask.unsqueeze(1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(batch * kv, groups * t, length)
+    return torch.bmm(probs, v.flatten(0, 1)).view(batch, heads, t, hd)
 
 
 def batched_forward(
@@ -323,7 +352,9 @@ def batched_forward(
     cols = torch.arange(start, start + t, device=ids.device)
     pos = (cols.unsqueeze(0) - pad.unsqueeze(1)).clamp(min=0)  # (B, T) RoPE positions
     cos, sin = model.cos[pos].unsqueeze(1), model.sin[pos].unsqueeze(1)  # (B, 1, T, hd)
-    mask = padded_mask(cols, pad)
+    few = t <= FEW_QUERIES
+    capacity = k_cache.shape[3]
+    mask = padded_mask(cols, pad, capacity if few else None)
     x = model.embed_tokens(ids)
     taps = []
     for i, layer in enumerate(model.layers):
@@ -337,9 +368,11 @@ def batched_forward(
         q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)  # float32 tables
         k_cache[i, :, :, start : start + t] = k
         v_cache[i, :, :, start : start + t] = v
-        out = F.scaled_dot_product_attention(
-            q, k_cache[i, :, :, : start + t], v_cache[i, :, :, : start + t], attn_mask=mask, enable_gqa=attn.h != attn.kv
-        )
+        if few:  # the whole (contiguous) capacity, masked: a column slice would be copied by every bmm
+            out = grouped_attention(q, k_cache[i], v_cache[i], mask)
+        else:
+            keys, values = k_cache[i, :, :, : start + t], v_cache[i, :, :, : start + t]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=attn.h != attn.kv)
         x = x + attn.o_proj(out.transpose(1, 2).reshape(batch, t, attn.h * attn.hd))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         if i in hidden_layers:
