@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # how many tokens each sequence drafts per step: adaptive (from its running acceptance and
     # the batch, over the measured cost curve: service/speculation.py) | fixed (up to K always)
     speculation: Literal["adaptive", "fixed"] = "adaptive"
+    # adaptive: a sequence held at K = 0 this many steps in a row drafts its full K once, so its
+    # acceptance, the block log and the regression guard keep getting data (0: never)
+    speculation_explore_every: int = Field(16, ge=0)
 
     # server
     host: str = "127.0.0.1"

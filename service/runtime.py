@@ -289,7 +289,8 @@ def speculation_policy(settings: Settings, target: Target) -> DraftLengthPolicy:
     widths = costmodel.batch_widths(settings.num_speculative_tokens, settings.max_num_seqs)
     extra = costmodel.cached_points(target.model, str(target.path), widths, settings.cache_dir)
     target.cost["batch_seconds"] = {str(rows): s for rows, s in extra}
-    return DraftLengthPolicy("adaptive", [*enumerate(target.cost.get("verify_seconds", ()), 1), *extra])
+    points = [*enumerate(target.cost.get("verify_seconds", ()), 1), *extra]
+    return DraftLengthPolicy("adaptive", points, settings.speculation_explore_every)
 
 
 def backlog_probe(settings: Settings, metrics: Metrics) -> Callable[[], None] | None:

@@ -18,6 +18,14 @@ with the largest α_i^(K_i+1); the rule walks that greedy path to the caps and
 keeps the best point on it (the curve need not be smooth). K = 0 for everyone
 is on the path: speculation runs only where it pays.
 
+Exploration. A sequence held at K = 0 measures nothing: its estimate, the
+block log that trains the drafter, and the regression guard's per-request τ
+would all go without data, and a weak or new drafter would never be drafted
+again (a soak saw 11 drafted tokens in 33k steps). So a sequence held at K = 0
+for `explore_every` steps in a row drafts its cap once, whatever the rule says
+(≤ 1/explore_every of the steps of an idle drafter; its rows still count in
+the others' choice).
+
 Pure functions and a small mutable estimate; the engine calls them each step
 (service/engine.py)."""
 
@@ -44,6 +52,7 @@ class AcceptanceTracker:
 
     accepted: float = PRIOR_ACCEPTED
     rejected: float = PRIOR_REJECTED
+    held: int = 0  # steps in a row held at K = 0 by the policy (exploration)
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -131,11 +140,17 @@ class DraftLengthPolicy:
     sequences with this machine's cost curve and the drafter's own cost per
     drafted token (a running mean of what drafting took). A sequence held at
     K = 0 learns nothing about its acceptance, so its estimate drifts back to
-    the prior (`AcceptanceTracker.idle`) until drafting is tried again."""
+    the prior (`AcceptanceTracker.idle`), and after `explore_every` such steps
+    it drafts its cap once (module docstring; 0: never)."""
 
-    def __init__(self, mode: str = "fixed", cost_points: Sequence[tuple[int, float]] = ()) -> None:
+    def __init__(
+        self, mode: str = "fixed", cost_points: Sequence[tuple[int, float]] = (), explore_every: int = 0
+    ) -> None:
         if mode not in ("fixed", "adaptive"):
             raise ValueError(f"speculation must be fixed or adaptive, not {mode!r}")
+        if explore_every < 0:
+            raise ValueError(f"explore_every must be >= 0, not {explore_every}")
+        self.explore_every = explore_every
         self.adaptive = mode == "adaptive" and len(cost_points) > 0
         self.cost = curve_cost(cost_points) if self.adaptive else None
         self.draft_cost = 0.0  # seconds per drafted token, running mean
@@ -151,9 +166,14 @@ class DraftLengthPolicy:
         the rule would pick (its rows still count in the others' choice)."""
         if self.cost is None:
             return list(caps)
-        floors = [c if p else 0 for c, p in zip(caps, pinned, strict=True)] if pinned is not None else None
+        pinned = pinned if pinned is not None else [False] * len(caps)
+        due = [bool(self.explore_every) and t.held >= self.explore_every for t in trackers]
+        floors = [c if p or d else 0 for c, p, d in zip(caps, pinned, due, strict=True)]
         ks = choose_lengths([t.alpha for t in trackers], caps, self.cost, self.draft_cost, floors)
         for t, k, cap in zip(trackers, ks, caps, strict=True):
             if k == 0 and cap > 0:
                 t.idle()
+                t.held += 1
+            else:
+                t.held = 0
         return ks

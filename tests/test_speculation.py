@@ -104,3 +104,23 @@ def test_floors_are_kept_and_their_rows_count_in_the_others_choice() -> None:
     # the pinned four fill the free rows; the other's draft now costs a full row:
     # K=0: 2.9375 tokens / 6 = 0.490, K=1: 3.4375 / 7 = 0.491, K=2: 3.6875 / 8 = 0.461
     assert pinned == [4, 1]
+
+
+def test_a_sequence_held_at_zero_explores_its_cap_every_n_steps() -> None:
+    """Drafting so dear that the rule never drafts (the soak's stuck state): without
+    exploration K stays 0 for good; with explore_every=5 every 6th step drafts the cap."""
+    from service.speculation import DraftLengthPolicy
+
+    cpu = [(1, 1.0), (2, 1.1), (5, 1.35)]
+    stuck = DraftLengthPolicy("adaptive", cpu)
+    stuck.observe_draft(10.0, 1)  # one slow draft: 1 s per token, never measured again at K = 0
+    t = AcceptanceTracker()
+    assert all(stuck.lengths([t], [4]) == [0] for _ in range(100))
+    explore = DraftLengthPolicy("adaptive", cpu, explore_every=5)
+    explore.observe_draft(10.0, 1)
+    a, b = AcceptanceTracker(), AcceptanceTracker()
+    ks = [explore.lengths([a, b], [4, 0]) for _ in range(18)]
+    assert [k[0] for k in ks] == [0, 0, 0, 0, 0, 4] * 3  # b has no cap: it never drafts, never explores
+    assert all(k[1] == 0 for k in ks) and b.held == 0
+    with pytest.raises(ValueError):
+        DraftLengthPolicy("adaptive", cpu, explore_every=-1)
