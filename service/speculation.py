@@ -21,10 +21,10 @@ is on the path: speculation runs only where it pays.
 Exploration. A sequence held at K = 0 measures nothing: its estimate, the
 block log that trains the drafter, and the regression guard's per-request τ
 would all go without data, and a weak or new drafter would never be drafted
-again (a soak saw 11 drafted tokens in 33k steps). So a sequence held at K = 0
-for `explore_every` steps in a row drafts its cap once, whatever the rule says
-(≤ 1/explore_every of the steps of an idle drafter; its rows still count in
-the others' choice).
+again (a soak saw 11 drafted tokens in 33k steps). So once the policy has held
+`explore_every` sequence-steps at K = 0, the sequence idle longest drafts its
+cap once, whatever the rule says: ≤ 1/explore_every of an idle drafter's
+steps, short requests included; its rows still count in the others' choice.
 
 Pure functions and a small mutable estimate; the engine calls them each step
 (service/engine.py)."""
@@ -52,7 +52,7 @@ class AcceptanceTracker:
 
     accepted: float = PRIOR_ACCEPTED
     rejected: float = PRIOR_REJECTED
-    held: int = 0  # steps in a row held at K = 0 by the policy (exploration)
+    held: int = 0  # steps in a row held at K = 0 by the policy (who explores first)
 
     def observe(self, drafted: int, accepted: int) -> None:
         if drafted <= 0:
@@ -151,6 +151,7 @@ class DraftLengthPolicy:
         if explore_every < 0:
             raise ValueError(f"explore_every must be >= 0, not {explore_every}")
         self.explore_every = explore_every
+        self.held = 0  # sequence-steps held at K = 0 since the last exploration
         self.adaptive = mode == "adaptive" and len(cost_points) > 0
         self.cost = curve_cost(cost_points) if self.adaptive else None
         self.draft_cost = 0.0  # seconds per drafted token, running mean
@@ -166,14 +167,18 @@ class DraftLengthPolicy:
         the rule would pick (its rows still count in the others' choice)."""
         if self.cost is None:
             return list(caps)
-        pinned = pinned if pinned is not None else [False] * len(caps)
-        due = [bool(self.explore_every) and t.held >= self.explore_every for t in trackers]
-        floors = [c if p or d else 0 for c, p, d in zip(caps, pinned, due, strict=True)]
+        floors = [c if p else 0 for c, p in zip(caps, pinned or [False] * len(caps), strict=True)]
+        idle = [i for i, c in enumerate(caps) if c > 0 and not floors[i]]
+        if self.explore_every and self.held >= self.explore_every and idle:
+            first = max(idle, key=lambda i: trackers[i].held)  # the longest idle (the earliest on a tie)
+            floors[first] = caps[first]
+            self.held = 0
         ks = choose_lengths([t.alpha for t in trackers], caps, self.cost, self.draft_cost, floors)
         for t, k, cap in zip(trackers, ks, caps, strict=True):
             if k == 0 and cap > 0:
                 t.idle()
                 t.held += 1
+                self.held += 1
             else:
                 t.held = 0
         return ks

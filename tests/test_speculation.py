@@ -106,9 +106,10 @@ def test_floors_are_kept_and_their_rows_count_in_the_others_choice() -> None:
     assert pinned == [4, 1]
 
 
-def test_a_sequence_held_at_zero_explores_its_cap_every_n_steps() -> None:
+def test_held_steps_explore_a_cap_every_n_sequence_steps() -> None:
     """Drafting so dear that the rule never drafts (the soak's stuck state): without
-    exploration K stays 0 for good; with explore_every=5 every 6th step drafts the cap."""
+    exploration K stays 0 for good; with explore_every=5, after 5 sequence-steps at
+    K = 0 the longest-idle sequence drafts its cap (short requests explore too)."""
     from service.speculation import DraftLengthPolicy
 
     cpu = [(1, 1.0), (2, 1.1), (5, 1.35)]
@@ -118,9 +119,14 @@ def test_a_sequence_held_at_zero_explores_its_cap_every_n_steps() -> None:
     assert all(stuck.lengths([t], [4]) == [0] for _ in range(100))
     explore = DraftLengthPolicy("adaptive", cpu, explore_every=5)
     explore.observe_draft(10.0, 1)
-    a, b = AcceptanceTracker(), AcceptanceTracker()
-    ks = [explore.lengths([a, b], [4, 0]) for _ in range(18)]
-    assert [k[0] for k in ks] == [0, 0, 0, 0, 0, 4] * 3  # b has no cap: it never drafts, never explores
-    assert all(k[1] == 0 for k in ks) and b.held == 0
+    a = AcceptanceTracker()
+    assert [explore.lengths([a], [4])[0] for _ in range(12)] == [0, 0, 0, 0, 0, 4] * 2
+    two = DraftLengthPolicy("adaptive", cpu, explore_every=4)
+    two.observe_draft(10.0, 1)
+    b, c, none = AcceptanceTracker(), AcceptanceTracker(), AcceptanceTracker()
+    ks = [two.lengths([b, c, none], [4, 3, 0]) for _ in range(6)]
+    # every 4 held sequence-steps one explores: b first (the tie), then c (idle longest by then)
+    assert ks == [[0, 0, 0], [0, 0, 0], [4, 0, 0], [0, 0, 0], [0, 0, 0], [0, 3, 0]]
+    assert none.held == 0  # no cap: never counted, never explores
     with pytest.raises(ValueError):
         DraftLengthPolicy("adaptive", cpu, explore_every=-1)
