@@ -217,13 +217,14 @@ def run_arm(arm: str, st: Setup, args: argparse.Namespace, held: HeldOut, on_rou
     start = held(state.version)
     out: dict[str, Any] = {
         "name": arms.ARMS[arm], "humaneval_tau_start": start["humaneval_tau"], "chat_tau_start": start["chat_tau"],
+        "start_eval_seconds": start["eval_seconds"],
         "points": [{"minutes": 0.0, "served_tokens": 0, "tau": start["humaneval_tau"]}],
         "rounds": [], "published": [], "refused": 0, "time_to_recover": None,
     }
     params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
     tokens = 0
     for r in range(1, st.rounds + 1):
-        lo, tag = (r - 1) * st.per_round, f"{arm}-r{r}"
+        lo, tag, t0 = (r - 1) * st.per_round, f"{arm}-r{r}", time.perf_counter()
         prompts = st.traffic[lo : lo + st.per_round]
         before = held(state.version)
         blocks, stats = serve(st.target, state.version, prompts, st.k, params, args.seed + lo, tag)
@@ -243,6 +244,7 @@ def run_arm(arm: str, st: Setup, args: argparse.Namespace, held: HeldOut, on_rou
         after = held(state.version)
         row.update(traffic_minutes=r * args.round_minutes, served_tokens=tokens, new_version=state.version.number,
                    humaneval_tau=after["humaneval_tau"], chat_tau_before=before["chat_tau"], chat_tau_after=after["chat_tau"],
+                   round_seconds=round(time.perf_counter() - t0, 1),  # wall: serve, train, gate, evaluate
                    **({"speedup_vs_target_only": after["speedup_vs_target_only"]} if args.speedup else {}))
         out["rounds"].append(row)
         out["points"].append({"minutes": row["traffic_minutes"], "served_tokens": tokens, "tau": after["humaneval_tau"]})

@@ -160,6 +160,7 @@ def test_quick_run_of_online_sft_and_draft_opd(settings: Settings, sft_checkpoin
         for row in r["rounds"]:
             assert row["requests"] == 3 and 1.0 <= row["served_tau"] <= 1 + k and 1.0 <= row["humaneval_tau"] <= 1 + k
             assert row["optimizer_steps"] == 2 and row["head_tokens"] > 0  # equal steps in every trained arm
+            assert row["round_seconds"] >= row["serve_seconds"] + row["train_seconds"] - 0.2  # (each rounded)
             assert row["gate"]["requests"] >= 2 and row["gate"]["publish"] == row["gate_passed"] and row["published"]
         assert [(row["served_version"], row["new_version"]) for row in r["rounds"]] == [(0, 1), (1, 2)]
         assert r["refused"] == sum(not row["gate_passed"] for row in r["rounds"])
