@@ -155,10 +155,11 @@ def update(target: Target, version: Version, blocks: BlockCollector, cfg: OPDCon
 
 
 def publish(
-    result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int
+    result: UpdateResult, parent: Version, save_dir: Path, target: Target, cfg: OPDConfig, round_no: int,
+    benchmark: str = "online",
 ) -> Version:
     """Write the updated head as the next checkpoint, with the worker's manifest fields."""
-    path = save_update(result, save_dir, target.model_id, parent.number, {"config": asdict(cfg), "benchmark": "online", "round": round_no})
+    path = save_update(result, save_dir, target.model_id, parent.number, {"config": asdict(cfg), "benchmark": benchmark, "round": round_no})
     return Version(parent.number + 1, path, parent.blocks_trained + result.train_blocks, round_no)
 
 
@@ -281,19 +282,38 @@ class Setup:
     eval_prompts: list[list[int]]
 
 
-def prepare(args: argparse.Namespace) -> Setup:
+@dataclass
+class Start:
+    """What a loop benchmark starts from (`start`)."""
+
+    settings: Settings
+    target: Target
+    sft_path: Path
+    sft_manifest: dict[str, Any]
+    save_dir: Path
+
+
+def start(args: argparse.Namespace, name: str) -> Start:
+    """The target (--dtype), the newest SFT checkpoint in --checkpoint-dir, and
+    where published versions go: --save-dir, or <checkpoint-dir>/<name>/<UTC time>."""
     settings = Settings(**({"dtype": args.dtype} if args.dtype else {}))
     target = load_target(settings)
     checkpoint_dir = Path(args.checkpoint_dir or settings.checkpoint_dir)
     sft_path, manifest = newest_sft(checkpoint_dir, target)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    skip = sft_prompt_count(manifest)
+    return Start(settings, target, sft_path, manifest, args.save_dir or checkpoint_dir / name / stamp)
+
+
+def prepare(args: argparse.Namespace) -> Setup:
+    s = start(args, "online")
+    settings, target = s.settings, s.target
+    skip = sft_prompt_count(s.sft_manifest)
     return Setup(
         target=target,
         k=args.num_speculative_tokens or settings.num_speculative_tokens,
-        sft_path=sft_path,
-        sft_manifest=manifest,
-        save_dir=args.save_dir or checkpoint_dir / "online" / stamp,
+        sft_path=s.sft_path,
+        sft_manifest=s.sft_manifest,
+        save_dir=s.save_dir,
         cfg=OPDConfig(**{**OPD_DEFAULTS, **settings.opd_train, **args.opd}),
         skip=skip,
         traffic=traffic_prompts(target, skip, args.rounds * args.prompts_per_round),
@@ -400,8 +420,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--checkpoint-dir", type=Path, help="where the SFT checkpoint is; default: DRAFTLOOP_CHECKPOINT_DIR")
     add("--save-dir", type=Path, help="where published versions go; default: <checkpoint-dir>/online/<UTC time>")
     add("--quick", action="store_true", help="tiny, for tests: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    args = ap.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
+    return settle_args(ap, ap.parse_args(argv), QUICK, DEFAULTS)
+
+
+def settle_args(
+    ap: argparse.ArgumentParser, args: argparse.Namespace, quick: dict[str, Any], defaults: dict[str, Any]
+) -> argparse.Namespace:
+    """Unset sizes from `quick` (with --quick) or `defaults`, and --opd checked
+    against OPDConfig: what the loop benchmarks' flags share."""
+    for key, value in (quick if args.quick else defaults).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     try:

@@ -37,7 +37,7 @@ def sft_checkpoints(target, settings: Settings, tmp_path_factory: pytest.TempPat
     return ckdir
 
 
-def run_bench(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+def run_bench(settings: Settings, *args: str, module: str = "benchmarks.online") -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
@@ -46,7 +46,7 @@ def run_bench(settings: Settings, *args: str) -> subprocess.CompletedProcess:
         "DRAFTLOOP_DTYPE": "float32",  # auto may pick bfloat16 on a CPU where it is faster; the test pins it
     }
     env.pop("DRAFTLOOP_OPD_TRAIN", None)
-    cmd = [sys.executable, "-m", "benchmarks.online", *args]
+    cmd = [sys.executable, "-m", module, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
 

@@ -6,6 +6,7 @@ goes down, and the evaluation math on hand-computed values."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -309,6 +310,23 @@ def test_training_lowers_the_loss(target, served):
     assert result.epoch_loss[-1] < result.epoch_loss[0]
     # the serving head is untouched
     torch.testing.assert_close(head.fc.weight, trainable_copy(head, target.model).fc.weight)
+
+
+@pytest.mark.slow
+def test_steps_fix_the_number_of_optimizer_steps(target, served):
+    """`OPDConfig.steps` (equal compute across benchmark arms): exactly that many
+    steps, passes repeated past `epochs` as needed, the cosine planned over them."""
+    head, col = served
+    cfg = OPDConfig(epochs=1, batch_tokens=512, warmup_steps=0, fast_bf16=False)
+    reqs, _ = build_requests(col.records, col.contexts, head.d2t, target.model.cfg.vocab_size, 1, target.model_id, cfg)
+    compute_features(target.model, reqs, head.cfg.hidden_layers)
+    batches = len(train_opd(trainable_copy(head, target.model), reqs, cfg).history)
+    for steps in (1, 2 * batches + 1):
+        result = train_opd(trainable_copy(head, target.model), reqs, replace(cfg, steps=steps))
+        lrs = [h["lr"] for h in result.history]
+        assert result.steps == steps and lrs[0] == pytest.approx(cfg.lr) and lrs == sorted(lrs, reverse=True)
+    assert {h["epoch"] for h in result.history} == {0, 1, 2}
+    assert lrs[-1] == pytest.approx(cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (steps - 1) / steps))))
 
 
 @pytest.mark.slow

@@ -66,10 +66,18 @@ def publish_decision(
 ) -> GateResult:
     """The gate's decision on `head` against the serving drafter, on the served
     held-out prompts topped up from ShareGPT's held-out split, at the served K."""
+    incumbent = serving_drafter(r, settings, target, before_eagle3)
+    return gate_decision(target, incumbent, head, served_prompts, cfg, settings.num_speculative_tokens)
+
+
+def gate_decision(
+    target: Target, incumbent: Drafter, head: Eagle3Head, served_prompts: Sequence[Sequence[int]], cfg: OPDConfig, k: int
+) -> GateResult:
+    """`publish_decision` once the incumbent is known (benchmarks that serve
+    in-process pass theirs): the candidate wrapped as the incumbent's kind,
+    both decoded on the gate's prompts at K = `k`."""
     from .train.gate import candidate_drafter, gate_prompts, run_gate
 
-    incumbent = serving_drafter(r, settings, target, before_eagle3)
-    k = settings.num_speculative_tokens
     max_prompt_len = target.model.max_len - cfg.gate_max_tokens - k - 1
     prompts = gate_prompts(target.tokenizer, served_prompts, cfg.gate_requests, max_prompt_len)
     candidate = candidate_drafter(incumbent, head, target.model)

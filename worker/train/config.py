@@ -42,6 +42,7 @@ class _Validated:
 @dataclass
 class OPDConfig(_Validated):
     epochs: int = 2  # passes over the training blocks
+    steps: int | None = None  # exactly this many optimizer steps (passes repeat as needed; None: epochs x batches)
     lr: float = 3e-4  # AdamW peak; cosine decay to 10% over the update's steps (worker.train.loop.cosine_lr)
     warmup_steps: int = 5  # linear warm-up, only when the optimizer starts fresh (no carried state)
     carry_optimizer: bool = True  # resume AdamW's moments from the serving version's optimizer file, when compatible

@@ -177,7 +177,7 @@ def train_opd(
     blocks of `requests` (features computed). AdamW (resumed from
     `optimizer_state` when it fits, else fresh with a linear warm-up), a cosine
     LR decay over the update's steps, gradient clipping, `cfg.epochs` shuffled
-    passes. `on_step(record)` (benchmarks) sees each step's history record,
+    passes (`cfg.steps`: exactly that many steps, the cosine over them). `on_step(record)` (benchmarks) sees each step's history record,
     whose `tokens` counts the head token-positions processed (non-padding
     context positions x unrolled steps), and stops training by returning True."""
     t0 = time.perf_counter()
@@ -185,15 +185,16 @@ def train_opd(
     bf16 = use_bf16(device, cfg.fast_bf16)
     opt, carried = start_optimizer(head, cfg, optimizer_state)
     batches = request_batches(requests, cfg.batch_tokens) if requests else []
-    planned, warmup = cfg.epochs * len(batches), 0 if carried else cfg.warmup_steps
+    planned = (cfg.epochs * len(batches) if cfg.steps is None else cfg.steps) if batches else 0
+    warmup = 0 if carried else cfg.warmup_steps
     gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, Any]] = []
     epoch_loss: list[float] = []
     stopped = False
     head.train()
-    for epoch in range(cfg.epochs if batches else 0):
+    for epoch in range(math.ceil(planned / len(batches)) if batches else 0):
         total, weight = 0.0, 0.0
-        for bi in torch.randperm(len(batches), generator=gen).tolist():
+        for bi in torch.randperm(len(batches), generator=gen).tolist()[: planned - len(history)]:
             if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
                 log.warning("opd training stopped after %.0f s (max_seconds)", time.perf_counter() - t0)
                 stopped = True
