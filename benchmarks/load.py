@@ -1,10 +1,12 @@
 """Throughput and latency under concurrent load, against a real server.
 
     python -m benchmarks.load --out results/load.json [--concurrency 1 2 4 8 16 32]
-        [--configs target_only fixed adaptive] [--seconds 60] [--max-tokens 48]
+        [--configs target_only fixed adaptive] [--seconds 60] [--max-tokens 48] [--block-log]
 
 For each configuration it starts one `draftloop serve` (float32 unless
---dtype, block log off, DRAFTLOOP_MAX_NUM_SEQS = the largest concurrency) and,
+--dtype, DRAFTLOOP_MAX_NUM_SEQS = the largest concurrency; the block log off,
+or with --block-log on, into a stream of its own on DRAFTLOOP_REDIS_URL that
+is deleted afterwards) and,
 for each concurrency level c, runs c closed-loop clients (the official
 `openai` client, streaming chat completions with usage in the last chunk): each
 sends its next request as soon as the last one ends, until `--seconds` have
@@ -19,7 +21,9 @@ Configurations (DRAFTLOOP_DRAFTER / DRAFTLOOP_SPECULATION):
 Per level: aggregate tokens/s (completion tokens of every request / the time
 from the first start to the last end), requests, p50/p99 latency, p50/p99
 time to first token, errors, and the mean draft length the server chose
-per sequence and step (`draftloop_draft_length` on /metrics). Prompts are the held-out ShareGPT split, the same sequence for
+per sequence and step (`draftloop_draft_length` on /metrics), and with
+--block-log the block records written and dropped (whether the log keeps
+up: the records of a full queue are dropped, never waited for). Prompts are the held-out ShareGPT split, the same sequence for
 every configuration. Writes the JSON and a PNG of throughput against
 concurrency next to it."""
 
@@ -31,11 +35,13 @@ import logging
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
+import redis
 
 from benchmarks.soak_stack import scrape, start_serve
 from benchmarks.soak_traffic import quantile
@@ -44,6 +50,7 @@ from service.config import Settings
 log = logging.getLogger("benchmarks.load")
 
 MODEL = "smollm2-135m-instruct"
+BLOCK_METRICS = {"written": "draftloop_block_records_written_total", "dropped": "draftloop_block_records_dropped_total"}
 CONFIGS: dict[str, dict[str, str]] = {
     "target_only": {"DRAFTLOOP_DRAFTER": "none", "DRAFTLOOP_SPECULATION": "fixed"},
     "fixed": {"DRAFTLOOP_DRAFTER": "ngram", "DRAFTLOOP_SPECULATION": "fixed"},
@@ -126,8 +133,10 @@ def summarize(done: list[Request], clients: int) -> dict[str, Any]:
 
 def run_config(name: str, args: argparse.Namespace, prompts: list[str], cache_dir: Path) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix=f"draftloop-load-{name}-"))
+    stream = f"draftloop:load:{uuid.uuid4().hex[:8]}"
     env = {
-        **CONFIGS[name], "DRAFTLOOP_BLOCK_LOG": "false", "DRAFTLOOP_DTYPE": args.dtype,
+        **CONFIGS[name], "DRAFTLOOP_BLOCK_LOG": str(args.block_log).lower(), "DRAFTLOOP_BLOCK_STREAM": stream,
+        "DRAFTLOOP_DTYPE": args.dtype,
         "DRAFTLOOP_MAX_NUM_SEQS": str(max(args.concurrency)), "DRAFTLOOP_MAX_QUEUE": str(4 * max(args.concurrency)),
     }  # fmt: skip
     server, url = start_serve(workdir, cache_dir, env)
@@ -141,10 +150,14 @@ def run_config(name: str, args: argparse.Namespace, prompts: list[str], cache_di
             steps = after.get("draftloop_draft_length_count", 0) - before.get("draftloop_draft_length_count", 0)
             drafted = after.get("draftloop_draft_length_sum", 0) - before.get("draftloop_draft_length_sum", 0)
             result["mean_k"] = round(drafted / steps, 3) if steps else None
+            if args.block_log:
+                result["block_records"] = {k: after.get(m, 0) - before.get(m, 0) for k, m in BLOCK_METRICS.items()}
             log.info("%s c=%d: %s", name, c, result)
             levels.append(result)
     finally:
         server.stop()
+        if args.block_log:
+            redis.Redis.from_url(Settings().redis_url).delete(stream)
     return {"config": name, "env": env, "levels": levels, "server_log": str(workdir / "server.log")}
 
 
@@ -198,6 +211,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--dtype", default="float32", help="DRAFTLOOP_DTYPE of the server")
     ap.add_argument("--prompts", type=int, default=200, help="held-out ShareGPT prompts cycled through")
+    ap.add_argument("--block-log", action="store_true", help="log blocks to Redis and report written / dropped")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
