@@ -16,7 +16,7 @@ import torch
 from service import drafting
 from service.drafters.base import Drafter, Proposal
 from service.drafters.eagle3 import Eagle3Drafter
-from service.drafters.eagle3.runner import HeadRunner
+from service.drafters.eagle3.runner import HeadCall, HeadRunner
 from service.drafters.hybrid import HybridDrafter
 from service.drafters.lockstep import run_lockstep
 from service.drafters.ngram import NgramDrafter
@@ -50,7 +50,9 @@ def _seq(case: Case, i: int, taps: list[torch.Tensor], first: int, capacity: int
 def assert_same(a: Proposal, b: Proposal | BaseException, where: str) -> None:
     assert isinstance(b, Proposal), f"{where}: {b!r}"
     assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.sources == b.sources, where
-    assert (a.probs is None) == (b.probs is None) and (a.probs is None or torch.equal(a.probs, b.probs)), where
+    assert (a.probs is None) == (b.probs is None) and (a.probs is None or torch.equal(a.probs, b.probs)), (
+        where
+    )
 
 
 def alone_vs_lockstep(model, cases: list[Case], rounds: int, accept=None) -> list[list[Proposal]]:
@@ -72,7 +74,10 @@ def alone_vs_lockstep(model, cases: list[Case], rounds: int, accept=None) -> lis
     history = []
     for r in range(rounds):
         ks = [c.ks[r % len(c.ks)] for c in cases]
-        want = [s.drafter.propose(s, k, s.params, s.gen) if k else Proposal([], None, []) for s, k in zip(alone, ks)]
+        want = [
+            s.drafter.propose(s, k, s.params, s.gen) if k else Proposal([], None, [])
+            for s, k in zip(alone, ks)
+        ]
         got = drafting.draft(engine, batched, ks)
         for i, (a, b) in enumerate(zip(want, got)):
             assert_same(a, b.proposal, f"round {r}, sequence {i}")
@@ -87,7 +92,9 @@ def alone_vs_lockstep(model, cases: list[Case], rounds: int, accept=None) -> lis
                 s.drafter.commit(s, n, taps)
         history.append(want)
     for i, (sa, sb) in enumerate(zip(alone, batched)):
-        assert torch.equal(sa.gen.get_state(), sb.gen.get_state()), f"sequence {i}: its generator drew otherwise"
+        assert torch.equal(sa.gen.get_state(), sb.gen.get_state()), (
+            f"sequence {i}: its generator drew otherwise"
+        )
     return history
 
 
@@ -116,7 +123,7 @@ def tiny_cases(target) -> list[Case]:
     other.stop_thresholds = (0.2, 0.02, 0.01)
     hybrid = HybridDrafter(full, NgramDrafter(), min_match=1)  # shares `full`'s head: batches with it
     gen = torch.Generator().manual_seed(3)
-    prompt = lambda n: torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist()  # noqa: E731
+    prompt = lambda n: torch.randint(0, TINY.vocab_size, (n,), generator=gen).tolist()
     penalised = replace(GREEDY, penalties=Penalties.build(0.7, 0.4, {5: 3.0, 9: -2.0}))
     return [
         Case(full, prompt(5), GREEDY, (4, 1, 3)),
@@ -136,9 +143,38 @@ def test_lockstep_drafting_equals_drafting_alone():
     with torch.inference_mode():
         history = alone_vs_lockstep(target.model, tiny_cases(target), rounds=6, accept=forced_accept)
     sources = [p.sources or "" for round_ in history for p in round_]
-    assert any(s.startswith("n") and "e" in s for s in sources)  # the hybrid's lookup went first, then its head
+    assert any(
+        s.startswith("n") and "e" in s for s in sources
+    )  # the hybrid's lookup went first, then its head
     lengths = {len(p.tokens) for round_ in history for p in round_}
     assert {0, 1, 4} <= lengths
+
+
+def test_runner_computes_head_step():
+    """The serving runner is `Eagle3Head.step` (checked against the training
+    unroll in test_eagle3.py) for many sequences at once: same hidden, same
+    draft-vocab logits, same cache contents (up to the linears' kernels)."""
+    target = tiny_target()
+    head = tiny_head(target)
+    runner, cfg = HeadRunner(head), head.cfg
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 0), (1, 9), (3, 4)]  # (rows, start)
+    calls, want = [], []
+    with torch.inference_mode():
+        for rows, start in shapes:
+            hidden = torch.randn(rows, cfg.hidden_size, generator=gen)
+            tokens = torch.randint(0, TINY.vocab_size, (rows,), generator=gen)
+            caches = [torch.randn(cfg.num_kv_heads, 32, cfg.head_dim, generator=gen) for _ in range(2)]
+            ref = [c.clone() for c in caches]
+            out = head.step(hidden, tokens, ref[0], ref[1], start)[-1:]
+            want.append((out, head.logits(out), ref))
+            calls.append(HeadCall(runner, hidden, tokens, caches[0], caches[1], start))
+        got = runner.forward(calls)
+    for (hidden, logits, ref), out, call in zip(want, got, calls):
+        torch.testing.assert_close(out.hidden, hidden)
+        torch.testing.assert_close(out.logits, logits)
+        torch.testing.assert_close(call.k_cache, ref[0])
+        torch.testing.assert_close(call.v_cache, ref[1])
 
 
 def test_each_draft_step_is_one_head_forward_per_head(monkeypatch):
@@ -197,7 +233,9 @@ def test_a_failing_head_step_fails_its_sequence_alone(monkeypatch, caplog):
         seqs = []
         for i, case in enumerate(cases):
             cache = model.new_cache(64)
-            logits, _, taps = model(torch.tensor(case.prompt), cache, hidden_layers=case.drafter.hidden_layers)
+            logits, _, taps = model(
+                torch.tensor(case.prompt), cache, hidden_layers=case.drafter.hidden_layers
+            )
             seqs.append(_seq(case, i, taps, int(logits[-1].argmax()), 64))
         return seqs
 
@@ -208,7 +246,9 @@ def test_a_failing_head_step_fails_its_sequence_alone(monkeypatch, caplog):
     bad, real = seqs[2].draft_state.k, HeadRunner.forward
 
     def faulty(self, requests):
-        if any(r.k_cache is bad and r.rows == 1 for r in requests):  # its first draft step, after the catch-up
+        if any(
+            r.k_cache is bad and r.rows == 1 for r in requests
+        ):  # its first draft step, after the catch-up
             raise RuntimeError("head step failed")
         return real(self, requests)
 

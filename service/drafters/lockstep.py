@@ -78,7 +78,11 @@ class _Lockstep:
             if len(requests) == 1:
                 outs = [exc]
             else:
-                log.warning("batched head step of %d sequences failed; running them one by one", len(requests), exc_info=True)
+                log.warning(
+                    "batched head step of %d sequences failed; running them one by one",
+                    len(requests),
+                    exc_info=True,
+                )
                 outs = [_alone(runner, request) for request in requests]
         elapsed = time.perf_counter() - t0
         rows = sum(r.rows for r in requests)

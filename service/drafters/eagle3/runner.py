@@ -59,8 +59,12 @@ class HeadRunner:
     def __init__(self, head: Eagle3Head) -> None:
         self.head = head
         mlp = head.mlp
-        self.qkv, self.o_proj, self.lm_head = (PackedLinear(m.weight) for m in (head.qkv_proj, head.o_proj, head.lm_head))
-        self.gate, self.up, self.down = (PackedLinear(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.qkv, self.o_proj, self.lm_head = (
+            PackedLinear(m.weight) for m in (head.qkv_proj, head.o_proj, head.lm_head)
+        )
+        self.gate, self.up, self.down = (
+            PackedLinear(m.weight) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        )
 
     def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: (N, 2d) -> q (h, N, hd), k/v (kv, N, hd), as `Eagle3Head._split_qkv`."""
@@ -88,7 +92,9 @@ class HeadRunner:
         for c in calls:
             rows = slice(row, row + c.rows)
             mask = causal_mask(c.start, c.rows, device)
-            outs.append(cached_attention(q[:, rows], k[:, rows], v[:, rows], c.k_cache, c.v_cache, c.start, mask))
+            outs.append(
+                cached_attention(q[:, rows], k[:, rows], v[:, rows], c.k_cache, c.v_cache, c.start, mask)
+            )
             row += c.rows
         x = hidden + self.o_proj(torch.cat(outs) if len(outs) > 1 else outs[0])
         h = head.post_attention_norm(x)
