@@ -50,12 +50,11 @@ def _seq(case: Case, i: int, taps: list[torch.Tensor], first: int, capacity: int
 def assert_same(a: Proposal, b: Proposal | BaseException, where: str) -> None:
     assert isinstance(b, Proposal), f"{where}: {b!r}"
     assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.sources == b.sources, where
-    assert (a.probs is None) == (b.probs is None) and (a.probs is None or torch.equal(a.probs, b.probs)), (
-        where
-    )
+    same_q = a.probs is None if b.probs is None else a.probs is not None and torch.equal(a.probs, b.probs)
+    assert same_q, where
 
 
-def alone_vs_lockstep(model, cases: list[Case], rounds: int, accept=None) -> list[list[Proposal]]:
+def alone_vs_lockstep(model, cases: list[Case], rounds: int, accept) -> list[list[Proposal]]:
     """Two copies of every sequence: one drafts alone (`propose`), the other in
     lock-step with all the others (`drafting.draft`); both must propose the same
     each round. Verification: the target's forward on [last] + drafts, then
