@@ -1,6 +1,7 @@
 """One iteration of the serving loop over every running sequence (continuous
-batching): chunked prefill, per-sequence drafting, ONE ragged target forward,
-then acceptance per sequence.
+batching): chunked prefill, drafting (the EAGLE-3 head's steps batched across
+sequences, `service.drafting`), ONE ragged target forward, then acceptance per
+sequence.
 
 Admission policy (the engine's loop): sequences are admitted in arrival
 order while fewer than `max_num_seqs` run; more wait in the FIFO queue. A
@@ -14,7 +15,8 @@ forward. A long prompt thus delays the running decodes by at most one chunk
 of rows per iteration.
 
 Failures stay with their sequence: an exception while preparing, drafting or
-accepting fails that sequence alone; when the batched forward itself raises,
+accepting fails that sequence alone (a failed batched head step is rerun one
+sequence at a time, `service.drafters.lockstep`); when the batched forward itself raises,
 each part is run again on its own (every cache length was left as it was),
 so only the parts that fail alone fail their sequence."""
 
@@ -27,7 +29,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import drafting
 from .drafters.base import Proposal
+from .drafting import Drafted
 from .ragged import RaggedOut, RaggedPart, ragged_forward
 
 if TYPE_CHECKING:
@@ -65,26 +69,29 @@ def _prefill_work(engine: Engine, seq: Sequence) -> _Work:
     return _Work(seq, part, None, seq.cache.length)
 
 
-def _decode_work(engine: Engine, seq: Sequence, k: int) -> _Work:
+def _decode_work(engine: Engine, seq: Sequence, drafted: Drafted) -> _Work:
+    if isinstance(drafted.proposal, BaseException):
+        raise drafted.proposal
     t0 = time.perf_counter()
-    proposal = engine.draft(seq, k)
-    ids = engine.verify_ids(seq, proposal)  # (K+1,)
+    ids = engine.verify_ids(seq, drafted.proposal)  # (K+1,)
     part = RaggedPart(ids, seq.cache, seq.drafter.hidden_layers, ids.shape[0])
-    return _Work(seq, part, proposal, seq.cache.length, time.perf_counter() - t0)
+    return _Work(seq, part, drafted.proposal, seq.cache.length, drafted.seconds + time.perf_counter() - t0)
 
 
 def plan(engine: Engine, running: list[Sequence]) -> tuple[list[_Work], list[Result]]:
     """This iteration's parts: prompt chunks within the budget, then one verify
-    pass per decoding sequence. -> (work, sequences that failed to plan)."""
+    pass per decoding sequence, all drafted together (the head steps batched
+    across sequences). -> (work, sequences that failed to plan)."""
     work: list[_Work] = []
     failed: list[Result] = []
     budget = engine.prefill_chunk
     decoding = [seq for seq in running if seq.decoding]
-    lengths = dict(zip(map(id, decoding), engine.draft_lengths(decoding), strict=True))  # adaptive K, per batch
+    lengths = engine.draft_lengths(decoding)  # adaptive K, per batch
+    drafts = dict(zip(map(id, decoding), drafting.draft(engine, decoding, lengths), strict=True))
     for seq in running:
         try:
             if seq.decoding:
-                work.append(_decode_work(engine, seq, lengths[id(seq)]))
+                work.append(_decode_work(engine, seq, drafts[id(seq)]))
                 continue
             size = chunk_size(seq, engine.prefill_chunk)
             if size == 0:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import batching
+from . import batching, drafting
 from .blocklog.record import BlockObservation
 from .drafters.base import Drafter, Proposal
 from .llama import KVCache, LlamaModel
@@ -224,12 +224,11 @@ class Engine:
         return max(0, min(self.k, seq.remaining - 1, seq.cache.capacity - len(seq.tokens) - 1))
 
     def draft(self, seq: Sequence, k: int) -> Proposal:
-        """The sequence's drafter proposes up to k tokens (`draft_lengths`)."""
-        if not k:
-            return Proposal([], None, [])
-        t0 = time.perf_counter()
-        proposal = seq.drafter.propose(seq, k, seq.params, seq.gen)
-        self.policy.observe_draft(time.perf_counter() - t0, len(proposal.tokens))
+        """The sequence's drafter proposes up to k tokens (`draft_lengths`); the
+        batched loop drafts all its sequences at once (`service.drafting`)."""
+        proposal = drafting.draft(self, [seq], [k])[0].proposal
+        if isinstance(proposal, BaseException):
+            raise proposal
         return proposal
 
     def verify_ids(self, seq: Sequence, proposal: Proposal) -> Tensor:

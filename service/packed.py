@@ -17,7 +17,8 @@ on the batch (the batched serving loop's output equals single-stream output).
 `PackedLinear` that keeps its `weight` Parameter (shared tensors such as a
 tied LM head stay shared) and falls back to `F.linear` wherever the packed
 kernel does not apply: other dtypes or devices, autograd, or after `.to()`
-moved the weight (the packing follows `_apply`)."""
+moved the weight (the packing follows `_apply`, and an in-place update of
+the weight, e.g. an optimizer step on a head a drafter wraps, repacks it)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def _one_row_differs(packed: Tensor, in_features: int) -> bool:
         return not torch.equal(_packed_linear(probe[:1], packed), _packed_linear(probe, packed)[:1])
 
 
+def _stamp(weight: Tensor) -> tuple[int, int]:
+    """What changes when the weight does: its storage and its in-place version."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter (and cannot change in place)
+        return weight.data_ptr(), -1
+
+
 def _pack(weight: Tensor) -> Tensor | None:
     """The oneDNN layout of a float32 CPU weight (None: the plain path applies)."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_meta or not packing_available():
@@ -58,12 +67,20 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = weight  # (out, in), shared with the module it replaces
         self.out_features, self.in_features = weight.shape
-        self._packed = _pack(weight)
+        self._repack()
+
+    def _repack(self) -> None:
+        self._packed = _pack(self.weight)
         self._pad_one_row = self._packed is not None and _one_row_differs(self._packed, self.in_features)
+        self._stamp = _stamp(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._packed is None or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+            return F.linear(x, self.weight)
+        if _stamp(self.weight) != self._stamp:  # updated in place since it was packed
+            self._repack()
         packed = self._packed
-        if packed is None or x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        if packed is None:
             return F.linear(x, self.weight)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)  # (M, in)
@@ -73,8 +90,7 @@ class PackedLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):  # .to() / .float() / .cuda(): repack or drop
         super()._apply(fn, recurse)
-        self._packed = _pack(self.weight)
-        self._pad_one_row = self._packed is not None and _one_row_differs(self._packed, self.in_features)
+        self._repack()
         return self
 
     def __deepcopy__(self, memo: dict) -> PackedLinear:  # the opaque packed tensor cannot be copied

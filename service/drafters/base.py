@@ -4,6 +4,7 @@ state of one sequence, then hear which of them the target accepted."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,11 @@ class Proposal:
         return SOURCE_CODES.get(kind, "?") * len(self.tokens)
 
 
+# A proposal drafted as a generator: it yields the batched head steps it needs
+# (`service.drafters.lockstep`), receives each step's output and returns the Proposal.
+DraftSteps = Generator[Any, Any, "Proposal"]
+
+
 class Drafter(ABC):
     """Per-sequence state lives in `seq.draft_state`, created by `begin`.
 
@@ -53,6 +59,11 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, seq: Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
         """Draft up to k tokens continuing seq.tokens."""
+
+    def draft_steps(self, seq: Sequence, k: int, params: SamplingParams, gen: torch.Generator) -> DraftSteps | None:
+        """`propose` as a generator of head steps that `service.drafters.lockstep`
+        batches with other sequences' steps; None: this drafter only has `propose`."""
+        return None
 
     def commit(self, seq: Sequence, num_accepted: int, taps: list[Tensor]) -> None:
         """After verification: seq.tokens already holds the accepted drafts and the

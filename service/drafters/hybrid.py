@@ -10,6 +10,8 @@ Per step, `lookup_first` decides from the context which source drafts first:
 - head first: the head alone. It stops when its chain falls below the stop
   threshold, and any lookup token after that would carry a lower chain still.
 
+The head's steps are yielded from `draft_steps` (`service.drafters.lockstep`
+batches them across sequences); lookup and the rules run per sequence.
 The head's per-sequence state stays in sync whoever drafted: `commit` always
 hands it the verify pass's taps of the accepted positions. Sampling stays
 lossless: lookup tokens are deterministic, so their rows of q are one-hot
@@ -29,8 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..sampling import SamplingParams
-from .base import SOURCE_CODES, Drafter, Proposal
+from .base import SOURCE_CODES, Drafter, DraftSteps, Proposal
 from .eagle3.drafter import Eagle3Drafter
+from .lockstep import drive
 from .ngram import NgramDrafter, lookup_match
 
 LOOKUP, HEAD = SOURCE_CODES["ngram"], SOURCE_CODES["eagle3"]
@@ -123,6 +126,11 @@ class HybridDrafter(Drafter):
         return lookup_prefix(found, state.rate(LOOKUP), thresholds)
 
     def propose(self, seq, k: int, params: SamplingParams, gen: torch.Generator) -> Proposal:
+        return drive(self.draft_steps(seq, k, params, gen))
+
+    def draft_steps(self, seq, k: int, params: SamplingParams, gen: torch.Generator) -> DraftSteps:
+        """The block; the head's steps are yielded (batched across sequences by
+        `lockstep.run_lockstep`) while the head sees its own state."""
         state: _HybridState = seq.draft_state
         if k <= 0:
             state.sources = ""
@@ -133,7 +141,7 @@ class HybridDrafter(Drafter):
             head = Proposal([], None, [])  # no slot left, or no head token could pass the stop rule
         else:
             with self._head_view(seq, state):
-                head = self.head.propose(seq, k - len(first), params, gen, after=first, prior=prior)
+                head = yield from self.head.draft_steps(seq, k - len(first), params, gen, after=first, prior=prior)
         state.sources = LOOKUP * len(first) + HEAD * len(head.tokens)
         probs: Tensor | None = None
         if head.probs is not None and first:  # sampled head tokens after lookup ones: one-hot rows

@@ -17,8 +17,10 @@ from ...costmodel import threshold_at
 from ...llama import LlamaModel
 from ...penalties import apply_penalties
 from ...sampling import SamplingParams, target_probs
-from ..base import Drafter, Proposal
+from ..base import Drafter, DraftSteps, Proposal
+from ..lockstep import drive
 from .head import Eagle3Head
+from .runner import HeadCall, HeadRunner
 
 # Stop drafting once the product of the head's top-1 probabilities falls below
 # this (EAGLE-2's confidence rule, on a chain). The fallback only: a served
@@ -50,9 +52,10 @@ class _Pick:
 
 class Eagle3Drafter(Drafter):
     """Per sequence: the head's one-layer KV cache + fused features of verified
-    positions not yet run. propose = one catch-up call over the newly verified
-    anchors (its last output gives draft 1) + k-1 single-token calls feeding the
-    head's own hidden; commit drops the draft slots (they hold the head's own
+    positions not yet run. propose = one catch-up step over the newly verified
+    anchors (its last output gives draft 1) + k-1 single-token steps feeding the
+    head's own hidden, each a `HeadCall` that the engine batches across the
+    sequences of an iteration (`draft_steps`, `service.drafters.lockstep`); commit drops the draft slots (they hold the head's own
     hidden, not target features) and queues the accepted positions' features.
 
     Context vocabulary: target ids that occur in the sequence (prompt and
@@ -74,6 +77,7 @@ class Eagle3Drafter(Drafter):
     ):
         self.head = head.to(device=target_model.device, dtype=target_model.dtype).eval().requires_grad_(False)
         self.head.attach(target_model)
+        self.runner = HeadRunner(self.head)  # the head's batched serving forward (one per drafter)
         self.hidden_layers = tuple(head.cfg.hidden_layers)
         self.version = version
         self.manifest = manifest or {}
@@ -87,17 +91,6 @@ class Eagle3Drafter(Drafter):
     def stop_threshold(self, slot: int) -> float:
         """Chain probability below which the token at draft slot `slot` is not drafted."""
         return threshold_at(self.stop_thresholds, slot, self.min_confidence)
-
-    def _follow(
-        self, state: _SeqState, hidden: Tensor, pos: int, tokens: Sequence[int]
-    ) -> tuple[Tensor, int]:
-        """Run tokens another drafter put first through the head as if it had
-        drafted them (its own hidden feeds the next step). hidden: (1, d)."""
-        for token in tokens:
-            ids = torch.tensor([token], dtype=torch.long, device=hidden.device)
-            hidden = self.head.step(hidden, ids, state.k, state.v, pos)
-            pos += 1
-        return hidden, pos
 
     def begin(
         self,
@@ -132,16 +125,6 @@ class Eagle3Drafter(Drafter):
             state.ctx_ids[state.n_ctx : state.n_ctx + len(new)] = ids
             state.ctx_rows[state.n_ctx : state.n_ctx + len(new)] = self.lm_weight[ids]
             state.n_ctx += len(new)
-
-    def _catch_up(self, seq, state: _SeqState, n_new: int) -> Tensor:
-        """Run the newly verified anchors through the head -> (1, d), the last
-        anchor's output (it gives draft 1)."""
-        device = state.pending.device
-        tokens = torch.tensor(seq.tokens[state.length + 1 : state.length + 1 + n_new], dtype=torch.long, device=device)
-        hidden = self.head.step(state.pending[:n_new], tokens, state.k, state.v, state.length)[-1:]  # (1, d)
-        state.length += n_new
-        state.pending = state.pending[n_new:]
-        return hidden
 
     def _pick(
         self,
@@ -180,9 +163,22 @@ class Eagle3Drafter(Drafter):
         after: Sequence[int] = (),
         prior: float = 1.0,
     ) -> Proposal:
-        """Up to k head tokens. `after`: tokens another drafter proposed first in
-        this block (not returned); `prior`: their estimated acceptance probability,
-        where the chain starts (hybrid drafting)."""
+        """Up to k head tokens (`draft_steps` run alone)."""
+        return drive(self.draft_steps(seq, k, params, gen, after, prior))
+
+    def draft_steps(
+        self,
+        seq,
+        k: int,
+        params: SamplingParams,
+        gen: torch.Generator,
+        after: Sequence[int] = (),
+        prior: float = 1.0,
+    ) -> DraftSteps:
+        """Up to k head tokens, each head forward yielded as a `HeadCall` (batched
+        with other sequences' by `lockstep.run_lockstep`). `after`: tokens another
+        drafter proposed first in this block (not returned); `prior`: their
+        estimated acceptance probability, where the chain starts (hybrid drafting)."""
         state: _SeqState = seq.draft_state
         # anchors with a feature and a known next token: length .. len(tokens)-2
         n_new = min(state.pending.shape[0], len(seq.tokens) - 1 - state.length)
@@ -192,19 +188,26 @@ class Eagle3Drafter(Drafter):
             self._scan_context(state, seq.tokens)
         ids = torch.cat([self.head.d2t, state.ctx_ids[: state.n_ctx]]) if state.n_ctx else self.head.d2t
         ctx_rows = state.ctx_rows[: state.n_ctx]
-        hidden = self._catch_up(seq, state, n_new)
+        device = state.pending.device
+        # catch-up: the newly verified anchors; its last row gives draft 1 (or follows `after`)
+        anchors = torch.tensor(seq.tokens[state.length + 1 : state.length + 1 + n_new], dtype=torch.long, device=device)
+        out = yield self._call(state, state.pending[:n_new], anchors, state.length, not after)
+        state.length += n_new
+        state.pending = state.pending[n_new:]
         pos = state.length  # draft slots start here; commit discards them
-        hidden, pos = self._follow(state, hidden, pos, after)
+        for j, token in enumerate(after):  # as if the head had drafted them: its own hidden feeds on
+            ids_j = torch.tensor([token], dtype=torch.long, device=device)
+            out = yield self._call(state, out.hidden, ids_j, pos, j + 1 == len(after))
+            pos += 1
         drafted: list[int] = []
         logps: list[Tensor] = []
         dists: list[Tensor] = []
         chain = prior  # the head's own estimate that every token drafted so far is accepted
         history = [*seq.output_ids, *after] if params.penalties is not None else None
         for i in range(k):
-            normed = self.head.norm(hidden)  # (1, d)
-            logits = self.head.lm_head(normed)  # (1, Vd)
+            logits = out.logits  # (1, Vd)
             if state.n_ctx:  # context ids: the target's LM-head rows on the head's normed hidden
-                logits = torch.cat([logits, F.linear(normed, ctx_rows)], dim=-1)  # (1, Vd + n_ctx)
+                logits = torch.cat([logits, F.linear(out.normed, ctx_rows)], dim=-1)  # (1, Vd + n_ctx)
             pick = self._pick(logits, ids, params, gen, None if history is None else history + drafted)
             chain *= pick.confidence
             if (i or after) and chain < self.stop_threshold(len(after) + i):
@@ -216,11 +219,15 @@ class Eagle3Drafter(Drafter):
             if chain < self.stop_threshold(len(after) + i + 1):
                 break  # no later token can pass either (the chain only shrinks): skip its head step
             if i + 1 < k:
-                hidden = self.head.step(hidden, pick.token.view(1), state.k, state.v, pos)
+                out = yield self._call(state, out.hidden, pick.token.view(1), pos)
                 pos += 1
         probs = torch.stack(dists) if dists else None
         # after other drafters' tokens, the first head token may fail the stop rule: nothing drafted
         return Proposal(drafted, probs, torch.stack(logps).tolist() if logps else [])
+
+    def _call(self, state: _SeqState, hidden: Tensor, tokens: Tensor, start: int, logits: bool = True) -> HeadCall:
+        """hidden: (T, d), tokens: (T,) -> the head step at slots start..start+T-1 of the sequence's cache."""
+        return HeadCall(self.runner, hidden, tokens, state.k, state.v, start, logits)
 
     def commit(
         self,

@@ -1,8 +1,9 @@
 """The EAGLE-3 head (Li et al., EAGLE-3, 2025): a one-layer decoder on fused
 target hidden states, with the target's token embedding shared and frozen and
 its own final norm and draft-vocab LM head (initialised from the target's).
-`step` is the cached serving forward, `unroll` the batched "training-time
-test" forward; the design is in docs/architecture.md.
+`step` is the cached forward of one sequence (the serving runner, `runner.py`,
+computes it for the rows of many sequences at once), `unroll` the batched
+"training-time test" forward; the design is in docs/architecture.md.
 
 - `fc` fuses the target's residual streams after a low, a middle and a high
   layer, (3d) -> (d). That is the head's hidden input at verified positions.
