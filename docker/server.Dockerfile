@@ -68,7 +68,8 @@ ENV DRAFTLOOP_HOST=0.0.0.0 \
     DRAFTLOOP_CACHE_DIR=/models/draftloop \
     DRAFTLOOP_CHECKPOINT_DIR=/checkpoints \
     HF_HOME=/models/huggingface \
-    CUDA_DEVICE_ORDER=PCI_BUS_ID
+    CUDA_DEVICE_ORDER=PCI_BUS_ID \
+    MALLOC_ARENA_MAX=2
 VOLUME ["/models", "/checkpoints"]
 
 USER 10001:10001

@@ -69,7 +69,8 @@ ENV DRAFTLOOP_CACHE_DIR=/models/draftloop \
     DRAFTLOOP_CHECKPOINT_DIR=/checkpoints \
     HF_HOME=/models/huggingface \
     CUDA_DEVICE_ORDER=PCI_BUS_ID \
-    GPU_LOCK_DIR=/locks
+    GPU_LOCK_DIR=/locks \
+    MALLOC_ARENA_MAX=2
 VOLUME ["/models", "/checkpoints", "/locks"]
 
 USER 10001:10001

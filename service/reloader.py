@@ -48,10 +48,13 @@ from .drafters.base import Drafter
 from .drafters.registry import Loader
 from .engine import Engine, Sequence
 from .guard import RegressionGuard, VersionKey
+from .memory import release_freed_memory
 from .metrics import Metrics
 from .runtime import FOLLOWING_KINDS, Target, serve_as
 
 log = logging.getLogger(__name__)
+
+TRIMS_AFTER_SWAP = 3  # polls after a swap that return freed memory to the OS (service/memory.py)
 
 
 class ReloadError(Exception):
@@ -124,6 +127,7 @@ class DrafterReloader:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis_ok = True
+        self._trims_left = 0  # polls on which to trim freed memory (after a swap)
         self.guard: RegressionGuard | None = None
         if self.follow and settings.guard:
             self.guard = RegressionGuard(
@@ -180,6 +184,7 @@ class DrafterReloader:
                     if (msg is not None and msg.get("type") == "message") or time.monotonic() >= next_poll:
                         self.check()  # a message is only a wake-up: the key is the truth
                         self.guard_tick()
+                        self._trim_tick()
                         next_poll = time.monotonic() + self.poll_interval_s
             except RedisError as exc:
                 self._set_redis_ok(False, exc, backoff)
@@ -331,6 +336,14 @@ class DrafterReloader:
         if self.metrics is not None:
             self.metrics.drafter_reloads.labels(outcome="ok").inc()
         log.info("drafter swapped: %s v%s -> %s v%s", old.kind, old.version, drafter.kind, drafter.version)
+        # the old drafter is freed once the sequences it still drafts for finish: trim on the next polls
+        self._trims_left = TRIMS_AFTER_SWAP
+
+    def _trim_tick(self) -> None:
+        """Reloader thread: give a swapped-out drafter's memory back to the OS."""
+        if self._trims_left > 0:
+            self._trims_left -= 1
+            release_freed_memory()
 
     # ---- admin operations (synchronous) -----------------------------------------
     def _complete_path(self, version: int, kind: str) -> Path:
