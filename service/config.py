@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     # prompt tokens prefilled per engine iteration, over all prefilling sequences: a long prompt
     # delays the running decodes by at most one chunk per step
     prefill_chunk: int = Field(256, ge=1)
+    # before reporting ready, decode one full batch of dummy sequences (service/warmup.py), so
+    # first requests skip first-time allocations and start-up memory holds the working set
+    warmup: bool = True
     max_queue: int = 256
     max_body_bytes: int = 1_000_000
     admin_token: str | None = None

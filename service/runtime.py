@@ -31,6 +31,7 @@ from .llama import LlamaModel, load_llama
 from .packed import pack_linears
 from .metrics import Metrics
 from .modelstore import resolve_model
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -351,6 +352,11 @@ def load_state(
         settings.num_speculative_tokens,
         settings.max_num_seqs,
     )
+    if settings.warmup:
+        warm_up(
+            target.model, drafter, num_speculative_tokens=settings.num_speculative_tokens,
+            max_num_seqs=settings.max_num_seqs, prefill_chunk=settings.prefill_chunk,
+        )  # fmt: skip
     async_engine = AsyncEngine(engine, settings.max_queue)
     return ServerState(
         settings, target, metrics, engine, async_engine, on_close=on_close, namespace=namespace,
