@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,12 @@ class Batch:
     prompt_lens: Tensor  # (B,)
     lengths: Tensor  # (B,)
     next_ids: Tensor  # (B, T) int64: the target's argmax after position t on greedy trajectories (-1: unknown)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on `device` (a no-op copy-free return where it already is)."""
+        if self.tokens.device == device:
+            return self
+        return Batch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def trajectory_batches(data: TrajectoryIndex, batch_tokens: int) -> list[list[int]]:

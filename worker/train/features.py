@@ -50,15 +50,17 @@ def generate_batch(
     and final hidden, so the last one's final hidden still predicts the EOS
     (kept as `last_next`, the argmax after the last position)."""
     ids, lens, pad = _left_padded(prompts)
+    dev = model.device
+    ids, pad = ids.to(dev), pad.to(dev)
     batch, width = ids.shape
     k_cache, v_cache = new_padded_cache(model, batch, width + max_new_tokens)
     final, feats = batched_forward(model, ids, k_cache, v_cache, 0, pad, hidden_layers)
     finals, featss, fed = [final.bfloat16()], [feats.bfloat16()], [ids]
-    eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=dev)
     nxt = model.lm_head(final[:, -1]).max(-1).indices  # (B,) first maximum, as argmax (faster in bf16)
     done = torch.isin(nxt, eos)
     last_next = torch.where(done, nxt, -1)  # (B,) set when a row stops
-    n_fed = torch.zeros(batch, dtype=torch.long)  # generated tokens fed before the first EOS
+    n_fed = torch.zeros(batch, dtype=torch.long, device=dev)  # generated tokens fed before the first EOS
     for step in range(max_new_tokens - 1):
         if bool(done.all()):
             break
@@ -72,7 +74,9 @@ def generate_batch(
         last_next = torch.where(stops, nxt, last_next)
         done |= stops
     last_next = torch.where(done, last_next, nxt)  # rows cut at max_new_tokens: the next greedy token
-    all_ids, all_final, all_feats = torch.cat(fed, 1), torch.cat(finals, 1), torch.cat(featss, 1)
+    # the store and the trainer read host memory: one copy each, off the decode loop
+    all_ids, all_final, all_feats = torch.cat(fed, 1).cpu(), torch.cat(finals, 1).cpu(), torch.cat(featss, 1).cpu()
+    pad, n_fed, last_next = pad.cpu(), n_fed.cpu(), last_next.cpu()
     rows = [slice(int(pad[i]), width + int(n_fed[i])) for i in range(batch)]
     return Trajectories.from_parts(
         [all_ids[i, sl] for i, sl in enumerate(rows)],

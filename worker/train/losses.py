@@ -414,8 +414,9 @@ def step_masks(batch: Batch, steps: int, on_prompt: bool = False, in_vocab: Tens
     `in_vocab` ((V,) bool over target ids), also only anchors whose target
     argmax at t+j+1 (`batch.next_ids`) is known and lies in the draft vocab: the
     head cannot draft any other token, so such rows only teach it to spread mass."""
-    t = torch.arange(batch.tokens.shape[1]).unsqueeze(0)
-    first = (batch.prompt_lens - 1).unsqueeze(1) if not on_prompt else torch.zeros(1, 1, dtype=torch.long)
+    dev = batch.tokens.device
+    t = torch.arange(batch.tokens.shape[1], device=dev).unsqueeze(0)
+    first = (batch.prompt_lens - 1).unsqueeze(1) if not on_prompt else torch.zeros(1, 1, dtype=torch.long, device=dev)
     masks = [(t >= first) & (t + j + 1 <= batch.lengths.unsqueeze(1) - 1) for j in range(steps)]
     if in_vocab is None:
         return masks
@@ -440,8 +441,8 @@ def _target_rows(
     for j, mask in enumerate(masks):
         need[:, j + 1 :] |= mask[:, : need.shape[1] - j - 1]
     b_idx, s_idx = need.nonzero(as_tuple=True)
-    row = torch.full(need.shape, -1, dtype=torch.long)
-    row[b_idx, s_idx] = torch.arange(b_idx.numel())
+    row = torch.full(need.shape, -1, dtype=torch.long, device=need.device)
+    row[b_idx, s_idx] = torch.arange(b_idx.numel(), device=need.device)
     with torch.no_grad():
         p = torch.softmax(F.linear(final[b_idx, s_idx], lm_rows).float(), dim=-1)
     return p, row
@@ -456,8 +457,8 @@ def ttt_loss(
     vocab to the head's, weighted STEP_WEIGHT_DECAY^j, over the anchors of
     `step_masks` (target argmax in the draft vocab)."""
     hidden = head.unroll_hidden(batch.features, shifted_tokens(batch.tokens, steps), batch.valid)  # (S, B, T, d)
-    in_vocab = torch.zeros(head.cfg.target_vocab_size, dtype=torch.bool)
-    in_vocab[head.d2t.cpu()] = True
+    in_vocab = torch.zeros(head.cfg.target_vocab_size, dtype=torch.bool, device=head.d2t.device)
+    in_vocab[head.d2t] = True
     masks = step_masks(batch, steps, on_prompt, in_vocab)
     p_all, p_row = _target_rows(batch.final, head.frozen.lm_rows, masks)
     losses, accs, total, wsum = [], [], hidden.sum() * 0.0, 0.0  # zero, still on the graph, when no row counts

@@ -158,7 +158,7 @@ def _sft_step(head: Eagle3Head, opt: torch.optim.Optimizer, data, batches: list[
     """Optimizer step `step` (epoch-wise shuffled batches of `data`) at `lr` -> its history record."""
     epoch, k = divmod(step, len(batches))
     perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-    batch = collate(data, batches[int(perm[k])])
+    batch = collate(data, batches[int(perm[k])]).to(head.fc.weight.device)
     with autocast(head.fc.weight.device, bf16):
         loss, losses, accs = ttt_loss(head, batch, cfg.ttt_steps, cfg.loss_on_prompt)
     optimizer_step(opt, trainable_params(head), loss, lr, cfg.grad_clip)
@@ -257,7 +257,8 @@ def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int
     if init_layer is not None:
         head.init_layer_from(model, init_layer)
     head.d2t.copy_(d2t)
-    head.init_output_from(model).to(dtype=model.dtype).attach(model)
+    # float32 master weights on the target's device (autocast runs the matmuls in bf16 where fast)
+    head.init_output_from(model).to(device=model.device, dtype=torch.float32).attach(model)
     return head
 
 
