@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -175,10 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(target.model.device),
         "dtype": str(target.model.dtype).removeprefix("torch."),
         "k": k,
-        "greedy": greedy_check(target, kinds, prompts, k, args.max_new_tokens),
-        "rejection_sampling": rejection_check(target.model.device, args.rejection_trials),
-        "sampled": sampled_check(target, kinds["eagle3"], prompts[0], k, args.sampled_runs),
     }
+    checks = {
+        "greedy": lambda: greedy_check(target, kinds, prompts, k, args.max_new_tokens),
+        "rejection_sampling": lambda: rejection_check(target.model.device, args.rejection_trials),
+        "sampled": lambda: sampled_check(target, kinds["eagle3"], prompts[0], k, args.sampled_runs),
+    }
+    for name, check in checks.items():  # one at a time, timed: a run cut short still shows how far it got
+        t0 = time.perf_counter()
+        result[name] = check()
+        log.info("%s check in %.1f s: %s", name, time.perf_counter() - t0, json.dumps(result[name]))
     ok = (
         all(r["ok"] for r in result["greedy"].values())
         and result["rejection_sampling"]["ok"]
