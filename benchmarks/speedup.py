@@ -179,8 +179,11 @@ def measure(
     are relative to the method named `baseline`. With `model` (the target), rows
     whose greedy output differs from the baseline's carry the logit gaps at the
     first differences (`divergence_gaps`)."""
-    for m in methods:  # warm-up: first calls allocate and fault pages in
-        m.run(prompts[:1], 8)
+    # warm-up: first calls allocate and fault pages in; on a GPU every new shape also
+    # picks its kernels (a first repetition there ran at a third of the speed), so all prompts
+    cuda = model is not None and model.device.type == "cuda"
+    for m in methods:
+        m.run(prompts if cuda else prompts[:1], max_new if cuda else 8)
     times: dict[str, list[float]] = {m.name: [] for m in methods}
     tokens: dict[str, list[int]] = {m.name: [] for m in methods}
     outputs: dict[str, list[list[int]]] = {}
