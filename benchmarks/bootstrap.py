@@ -124,6 +124,18 @@ def manifests(checkpoint_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def gate_reports(checkpoint_dir: Path) -> list[dict[str, Any]]:
+    """Every update's report (`worker.reports`: the gate's decision and its
+    interval, published or not), oldest first."""
+    out = []
+    for path in sorted((checkpoint_dir / "reports").glob("*-v*.json")):
+        try:
+            out.append({"file": path.name, **json.loads(path.read_text())})
+        except (OSError, ValueError) as exc:
+            out.append({"file": path.name, "error": repr(exc)})
+    return out
+
+
 def worker_decisions(log_path: Path) -> list[str]:
     """The worker's lines about publishing and refusing (the gate's decisions)."""
     if not log_path.exists():
@@ -205,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions,
         "goals": goals(versions, ngram_baseline(samples)),
         "published": manifests(checkpoints),
+        "gate_reports": gate_reports(checkpoints),
         "worker_decisions": worker_decisions(workdir / "up.log"),
         "samples": samples,
     }
