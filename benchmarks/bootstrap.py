@@ -10,7 +10,9 @@ so the run does not convert it again). Traffic is `benchmarks.traffic` (the
 ShareGPT training split, greedy, at `--rate` requests/s). Every `--every`
 seconds the sampler reads /metrics (τ over the window: accepted / drafts + 1)
 and /health (the drafter kind and version serving). The report has, per
-drafter version, the served τ over the windows it served; the published
+drafter version, the served τ over the windows it served and tokens per decode
+step (every step, K = 0 ones too: served τ counts only the steps that drafted,
+which flatters a drafter that drafts only on a sure match, as ngram does); the published
 versions' manifests (held-out evaluation, gate decision); the worker's gate
 refusals; and the goals of the drafter issue: each published version's served
 τ at least the one before it, and the last at least 1.3x the ngram τ of the
@@ -59,10 +61,19 @@ def sample(url: str, last: dict[str, float], t: float) -> tuple[dict[str, Any], 
     """One sample: τ since `last` and the drafter serving -> (record, metrics now)."""
     now = read_metrics(url, "unused")
     drafter = httpx.get(f"{url}/health", timeout=10).json().get("drafter", {})
-    drafts = now.get("draftloop_spec_decode_drafts_total", 0) - last.get("draftloop_spec_decode_drafts_total", 0)
+    def delta(name: str) -> float:
+        return now.get(name, 0.0) - last.get(name, 0.0)
+
+    drafts = delta("draftloop_spec_decode_drafts_total")
+    # tokens per decode step, every step counted (K = 0 ones too): served τ counts only steps
+    # that drafted, so a drafter that drafts only on a sure match (ngram) scores high on it
+    steps = delta("draftloop_draft_length_count")
+    decoded = delta("draftloop_generation_tokens_total") - delta("draftloop_time_to_first_token_seconds_count")
     record = {
         "minute": round(t / 60, 2),
         "tau": None if (tau := tau_between(last, now)) is None else round(tau, 4),
+        "tokens_per_step": round(decoded / steps, 4) if steps > 0 else None,
+        "steps": int(steps),
         "drafts": int(drafts),
         "kind": drafter.get("kind"),
         "version": drafter.get("version"),
@@ -82,9 +93,14 @@ def per_version(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"kind": s["kind"], "version": s["version"], "from_minute": s["minute"], "drafts": 0, "accepted": 0.0})
         out[-1]["drafts"] += s["drafts"]
         out[-1]["accepted"] += (s["tau"] - 1) * s["drafts"]
+        if s.get("tokens_per_step") is not None:
+            out[-1]["steps"] = out[-1].get("steps", 0) + s["steps"]
+            out[-1]["decoded"] = out[-1].get("decoded", 0.0) + s["tokens_per_step"] * s["steps"]
         out[-1]["to_minute"] = s["minute"]
     for row in out:
         row["served_tau"] = round(1 + row.pop("accepted") / row["drafts"], 4)
+        if row.get("steps"):
+            row["tokens_per_step"] = round(row.pop("decoded") / row["steps"], 4)
     return out
 
 

@@ -26,6 +26,15 @@ def test_per_version_pools_windows_by_drafts_in_serving_order():
     assert rows[1]["served_tau"] == 2.2 and (rows[1]["from_minute"], rows[1]["to_minute"]) == (6.0, 6.5)
 
 
+def test_tokens_per_step_pools_by_steps_when_sampled():
+    rows = per_version([
+        {**s(1.0, 2.0, 10, "ngram", "0"), "tokens_per_step": 1.2, "steps": 100},
+        {**s(1.5, 2.0, 10, "ngram", "0"), "tokens_per_step": 1.5, "steps": 300},
+    ])
+    assert rows[0]["tokens_per_step"] == round((120 + 450) / 400, 4) and rows[0]["steps"] == 400
+    assert "tokens_per_step" not in per_version(SAMPLES)[0]  # older samples had none
+
+
 def test_ngram_baseline_uses_only_the_first_minutes_of_ngram():
     assert ngram_baseline(SAMPLES, minutes=5.0) == 1.9
     assert ngram_baseline(SAMPLES, minutes=0.75) == 1.6
