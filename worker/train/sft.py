@@ -257,8 +257,10 @@ def _new_head(model: LlamaModel, d2t: Tensor, layers: tuple[int, ...], seed: int
     if init_layer is not None:
         head.init_layer_from(model, init_layer)
     head.d2t.copy_(d2t)
-    # float32 master weights on the target's device (autocast runs the matmuls in bf16 where fast)
-    head.init_output_from(model).to(device=model.device, dtype=torch.float32).attach(model)
+    # on the target's device; on a GPU float32 master weights under bf16 autocast (the target
+    # is bf16 there), on a CPU the target's dtype as before (a bf16 target may train without autocast)
+    master = torch.float32 if model.device.type == "cuda" else model.dtype
+    head.init_output_from(model).to(device=model.device, dtype=master).attach(model)
     return head
 
 
