@@ -21,6 +21,7 @@ first minutes. A PNG of served τ and version against time goes beside it."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.soak_stack import Child, free_port, wait_healthy
+from benchmarks.soak_stack import ROOT, Child, free_port, wait_healthy
 from benchmarks.traffic import main as traffic_main
 from benchmarks.traffic import read_metrics, tau_between
 from service.config import Settings
@@ -43,7 +44,6 @@ from service.stack import allocator_env
 
 log = logging.getLogger("benchmarks.bootstrap")
 
-ROOT = Path(__file__).resolve().parents[1]
 FIRST_MINUTES = 5.0  # the ngram baseline: served τ over the first minutes, before any publish
 GOAL_OVER_NGRAM = 1.3
 
@@ -115,7 +115,7 @@ def goals(versions: list[dict[str, Any]], ngram_tau: float | None) -> dict[str, 
     """The drafter issue's bootstrap goals over the published eagle3/hybrid versions."""
     published = [v for v in versions if v["kind"] in ("eagle3", "hybrid")]
     taus = [v["served_tau"] for v in published]
-    monotone = all(b >= a for a, b in zip(taus, taus[1:]))
+    monotone = all(b >= a for a, b in itertools.pairwise(taus))
     last = taus[-1] if taus else None
     ratio = round(last / ngram_tau, 3) if last is not None and ngram_tau else None
     return {

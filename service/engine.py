@@ -415,6 +415,14 @@ class Engine:
                 if self._active:
                     self._iterate()
 
+    def run_until_idle(self) -> None:
+        """The serving loop on the calling thread, until every submitted sequence has left."""
+        with torch.inference_mode():
+            while self._active or self.num_waiting:
+                self._admit()
+                if self._active:
+                    self._iterate()
+
     def _iterate(self) -> None:
         """One batched iteration (`service.batching`): cancelled sequences leave
         first; each output is emitted, and finished or failed sequences leave."""

@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import time
 
-import torch
-
 from .drafters.base import Drafter
 from .engine import Engine, Sequence
 from .llama import LlamaModel
@@ -70,13 +68,9 @@ def warm_up(
 
     for i, prompt in enumerate(dummy_prompts(max_num_seqs, model.cfg.vocab_size)):
         engine.submit(Sequence(f"warmup-{i}", prompt, params, emit=lambda out, i=i: note(i, out)))
-    with torch.inference_mode():
-        engine._admit()
-        while engine._active:
-            engine._iterate()
+    engine.run_until_idle()
     if failed:  # the first real request would fail the same way: say so now, at start-up
         raise RuntimeError(f"warm-up failed: {failed[0]}")
     seconds = time.perf_counter() - t0
     log.info("warm-up: %d sequences x %d tokens in %.2f s", max_num_seqs, WARMUP_TOKENS, seconds)
     return seconds
-
