@@ -4,8 +4,9 @@
 
 One forward of n new rows on top of a KV cache of `--context` positions, full
 logits (a verify pass), for n in `--rows`, with the float32 weights as MKL
-gets them (`F.linear`), float32 prepacked for oneDNN (`service/packed.py`,
-what the server runs) and bfloat16; variants are interleaved within each
+gets them (`F.linear`), float32 prepacked for oneDNN with the q/k/v and
+gate/up projections apart and fused (`service/packed.py`; fused is what the
+server runs) and bfloat16; variants are interleaved within each
 repetition and the median is kept. The ratio to one row is what the drafter's
 stop rule and any batching stand on (`service/costmodel.py`). The file also
 records which CPU it ran on and whether torch found bf16 / AMX instructions
@@ -25,7 +26,7 @@ import torch
 
 from service.config import Settings
 from service.costmodel import cpu_model
-from service.llama import LlamaModel
+from service.llama import MLP, Attention, LlamaModel
 from service.packed import is_packed, pack_linears
 from service.runtime import load_target
 
@@ -47,11 +48,16 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def variants(target_model: LlamaModel, dtypes: list[str]) -> dict[str, LlamaModel]:
-    """name -> model: float32 plain / packed, and other dtypes (plain)."""
+    """name -> model: float32 plain / packed with the projections apart /
+    packed and fused (served), and other dtypes (plain)."""
     base = copy.deepcopy(target_model).float()
     out: dict[str, LlamaModel] = {}
     plain = copy.deepcopy(base)
-    for mod in plain.modules():  # unpack: the plain MKL path
+    for mod in plain.modules():  # unpack and unfuse: the plain MKL path
+        if isinstance(mod, Attention):
+            mod.qkv_proj = None
+        if isinstance(mod, MLP):
+            mod.gate_up_proj = None
         for name, child in list(mod.named_children()):
             if type(child).__name__ == "PackedLinear":
                 lin = torch.nn.Linear(child.in_features, child.out_features, bias=False)
@@ -59,9 +65,10 @@ def variants(target_model: LlamaModel, dtypes: list[str]) -> dict[str, LlamaMode
                 setattr(mod, name, lin)
     if "float32" in dtypes:
         out["float32"] = plain
-        packed = copy.deepcopy(plain)
-        if pack_linears(packed) and is_packed(packed):
-            out["float32-packed"] = packed
+        for name, fuse in (("float32-packed-unfused", False), ("float32-packed", True)):
+            packed = copy.deepcopy(plain)
+            if pack_linears(packed, fuse=fuse) and is_packed(packed):
+                out[name] = packed
     for name in dtypes:
         if name != "float32":
             out[name] = copy.deepcopy(plain).to(getattr(torch, name))

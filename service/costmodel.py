@@ -169,8 +169,10 @@ def curve_key(
     model_id: str, dtype: torch.dtype, device: torch.device, max_rows: int, context: int, packed: bool = False
 ) -> dict:
     """What a cached curve is valid for."""
+    from .packed import KERNELS
+
     return {
-        "packed": packed,
+        "packed": KERNELS if packed else False,
         "model": model_id,
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

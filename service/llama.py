@@ -145,6 +145,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * hd, d, bias=False)
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.qkv_proj: nn.Module | None = None  # q, k and v in one GEMM (`service.packed.fuse_projections`)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (..., d) -> q (..., h*hd), k (..., kv*hd), v (..., kv*hd)."""
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split((self.h * self.hd, self.kv * self.hd, self.kv * self.hd), dim=-1)
+
+    def heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (T, d), cos/sin (T, hd) -> q (h, T, hd), k (kv, T, hd) with RoPE applied,
+        v (kv, T, hd). Fused, q and k share one RoPE pass (the same elementwise ops)."""
+        t, h, kv = x.shape[0], self.h, self.kv
+        if self.qkv_proj is not None and self.q_norm is None:
+            qkv = self.qkv_proj(x).view(t, h + 2 * kv, self.hd).transpose(0, 1)  # (h+2kv, T, hd)
+            qk = apply_rope(qkv[: h + kv], cos, sin)
+            return qk[:h], qk[h:], qkv[h + kv :]
+        q, k, v = self.project(x)
+        q, k = q.view(t, h, self.hd).transpose(0, 1), k.view(t, kv, self.hd).transpose(0, 1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.view(t, kv, self.hd).transpose(0, 1)
 
     def forward(
         self,
@@ -156,13 +177,7 @@ class Attention(nn.Module):
         start: int,
         mask: Tensor | None,  # (T, start+T) bool, None when T == 1
     ) -> Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.h, self.hd).transpose(0, 1)
-        k = self.k_proj(x).view(t, self.kv, self.hd).transpose(0, 1)
-        v = self.v_proj(x).view(t, self.kv, self.hd).transpose(0, 1)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.heads(x, cos, sin)
         return self.o_proj(cached_attention(q, k, v, k_cache, v_cache, start, mask))
 
 
@@ -173,9 +188,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, i, bias=False)
         self.up_proj = nn.Linear(d, i, bias=False)
         self.down_proj = nn.Linear(i, d, bias=False)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one GEMM (`service.packed.fuse_projections`)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -360,9 +380,10 @@ def batched_forward(
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(batch, t, attn.h, attn.hd).transpose(1, 2)
-        k = attn.k_proj(h).view(batch, t, attn.kv, attn.hd).transpose(1, 2)
-        v = attn.v_proj(h).view(batch, t, attn.kv, attn.hd).transpose(1, 2)
+        q, k, v = attn.project(h)
+        q = q.view(batch, t, attn.h, attn.hd).transpose(1, 2)
+        k = k.view(batch, t, attn.kv, attn.hd).transpose(1, 2)
+        v = v.view(batch, t, attn.kv, attn.hd).transpose(1, 2)
         if attn.q_norm is not None:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = apply_rope(q, cos, sin).to(x.dtype), apply_rope(k, cos, sin).to(x.dtype)  # float32 tables

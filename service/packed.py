@@ -13,7 +13,9 @@ its many-row one. Each packed layer probes this once when packed and, where
 they differ, runs a one-row call as two rows, so a row's result never depends
 on the batch (the batched serving loop's output equals single-stream output).
 
-`pack_linears(model)` swaps every `nn.Linear` of the target for a
+`pack_linears(model)` first fuses each frozen decoder layer's q/k/v and
+gate/up projections into one GEMM each (`fuse_projections`), then swaps every
+remaining `nn.Linear` of the target for a
 `PackedLinear` that keeps its `weight` Parameter (shared tensors such as a
 tied LM head stay shared) and falls back to `F.linear` wherever the packed
 kernel does not apply: other dtypes or devices, autograd, or after `.to()`
@@ -27,6 +29,11 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+# What a measured cost curve was taken on (`service.costmodel.curve_key`): a
+# curve cached before the projections were fused is not this kernel's.
+KERNELS = "onednn-packed+fused-qkv-gate-up"
 
 
 def packing_available() -> bool:
@@ -53,11 +60,13 @@ def _stamp(weight: Tensor) -> tuple[int, int]:
         return weight.data_ptr(), -1
 
 
+def _packable(weight: Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and not weight.is_meta and packing_available()
+
+
 def _pack(weight: Tensor) -> Tensor | None:
     """The oneDNN layout of a float32 CPU weight (None: the plain path applies)."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.is_meta or not packing_available():
-        return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None) if _packable(weight) else None
 
 
 class PackedLinear(nn.Module):
@@ -101,19 +110,77 @@ class PackedLinear(nn.Module):
         return f"{shape}, packed={self._packed is not None}, pad_one_row={self._pad_one_row}"
 
 
-def pack_linears(model: nn.Module) -> int:
+def _superseded(parent: nn.Module) -> tuple[str, ...]:
+    qkv, gate_up = getattr(parent, "qkv_proj", None), getattr(parent, "gate_up_proj", None)
+    if qkv is not None and hasattr(parent, "q_proj"):  # not the EAGLE-3 head's own qkv_proj
+        return ("q_proj", "k_proj", "v_proj")
+    return ("gate_proj", "up_proj") if gate_up is not None else ()
+
+
+def pack_linears(model: nn.Module, fuse: bool = True) -> int:
     """Replace every bias-free `nn.Linear` under `model` with a `PackedLinear` on
-    the same weight, where the weight is float32 on a CPU -> how many were packed."""
+    the same weight, where the weight is float32 on a CPU, after fusing the
+    frozen q/k/v and gate/up groups (`fuse_projections`; `fuse=False` keeps
+    them apart, for comparison) -> how many were packed."""
     if not packing_available():
         return 0
+    if fuse:
+        fuse_projections(model)
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
+            if name in _superseded(parent):  # a fused projection does their work
+                continue
             weight = child.weight if type(child) is nn.Linear and child.bias is None else None
             if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
                 setattr(parent, name, PackedLinear(child.weight))
                 swapped += 1
     return swapped
+
+
+def _fuse(parent: nn.Module, names: tuple[str, ...]) -> PackedLinear:
+    """One linear over the concatenated weights of `parent`'s `names` (in that
+    order); each original becomes a plain `nn.Linear` on a view of the fused
+    weight, so the weights are held once and `state_dict` keeps its names."""
+    linears = [getattr(parent, n) for n in names]
+    fused_weight = torch.cat([lin.weight.detach() for lin in linears])  # (sum of outs, in)
+    row = 0
+    for name, lin in zip(names, linears):
+        part = nn.Linear(lin.in_features, lin.out_features, bias=False, device="meta")
+        part.weight = nn.Parameter(fused_weight[row : row + lin.out_features], requires_grad=False)
+        row += lin.out_features
+        setattr(parent, name, part)
+    return PackedLinear(nn.Parameter(fused_weight, requires_grad=False))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """q/k/v, and gate/up, of every *frozen* bias-free decoder layer of a target
+    in one GEMM each -> how many groups were fused.
+
+    Why: on a CPU a forward of a few rows is a run of small GEMMs, each paying
+    a call and a pass over its input; one wider GEMM per group reads the same
+    weight bytes with 3 fewer calls per layer (`benchmarks.forward_cost`,
+    docs/results.md). The fused output columns are the separate GEMMs' columns
+    (same inputs, same reduction length; checked bit for bit in
+    tests/test_packed.py). Only frozen modules: a trainable head's gradients must
+    reach its own Parameters, so a drafter's MLP is never fused."""
+    from .llama import MLP, Attention
+
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, Attention) and module.qkv_proj is None:
+            names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+        elif isinstance(module, MLP) and module.gate_up_proj is None:
+            names = ("gate_proj", "up_proj")
+        else:
+            continue
+        weights = [getattr(module, n).weight for n in names]
+        biased = any(getattr(getattr(module, n), "bias", None) is not None for n in names)
+        if biased or any(not _packable(w) or w.requires_grad for w in weights):  # float32 CPU, frozen
+            continue
+        setattr(module, "qkv_proj" if isinstance(module, Attention) else "gate_up_proj", _fuse(module, names))
+        fused += 1
+    return fused
 
 
 def is_packed(model: nn.Module) -> bool:

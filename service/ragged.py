@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .llama import DecoderLayer, KVCache, LlamaModel, apply_rope, cached_attention, causal_mask
+from .llama import DecoderLayer, KVCache, LlamaModel, cached_attention, causal_mask
 
 
 @dataclass
@@ -75,14 +75,9 @@ def _layer(
     segments: list[_Segment],
 ) -> Tensor:
     """`DecoderLayer.forward` over the concatenated rows; attention per part."""
-    attn, n = layer.self_attn, x.shape[0]
+    attn = layer.self_attn
     h = layer.input_layernorm(x)
-    q = attn.q_proj(h).view(n, attn.h, attn.hd).transpose(0, 1)  # (h, N, hd)
-    k = attn.k_proj(h).view(n, attn.kv, attn.hd).transpose(0, 1)  # (kv, N, hd)
-    v = attn.v_proj(h).view(n, attn.kv, attn.hd).transpose(0, 1)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = attn.heads(h, cos, sin)  # (h, N, hd), (kv, N, hd) with RoPE, (kv, N, hd)
     outs = []
     for part, seg in zip(parts, segments):
         rows = slice(seg.begin, seg.end)
