@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 # What a measured cost curve was taken on (`service.costmodel.curve_key`): a
 # curve cached before the projections were fused is not this kernel's.
 KERNELS = "onednn-packed+fused-qkv-gate-up"
