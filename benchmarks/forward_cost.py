@@ -10,7 +10,9 @@ server runs) and bfloat16; variants are interleaved within each
 repetition and the median is kept. The ratio to one row is what the drafter's
 stop rule and any batching stand on (`service/costmodel.py`). The file also
 records which CPU it ran on and whether torch found bf16 / AMX instructions
-there, since the ranking of the dtypes differs between machines."""
+there, since the ranking of the dtypes differs between machines, and how long
+this core takes to read the float32 weights once: no one-row forward can be
+faster than that."""
 
 from __future__ import annotations
 
@@ -39,6 +41,22 @@ def forward_seconds(model: LlamaModel, rows: int, context: int, ids: torch.Tenso
     t0 = time.perf_counter()
     model(ids[context : context + rows], cache)
     return time.perf_counter() - t0
+
+
+def read_floor_ms(model: LlamaModel, repeats: int) -> dict[str, float]:
+    """How long one core takes to stream the target's weight bytes once (a sum
+    over a float32 buffer of that size, median of `repeats`): the floor under a
+    one-row forward, which must read every weight from memory."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    weight_bytes = sum(storages.values())  # tied and fused weights (views) counted once
+    buffer = torch.ones(weight_bytes // 4)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    return {"weight_mb": round(weight_bytes / 1e6, 1), "read_ms": round(ms, 2), "read_gb_per_s": round(weight_bytes / ms / 1e6, 1)}
 
 
 def cpu_flags() -> dict[str, bool]:
@@ -112,11 +130,14 @@ def main() -> None:
         "threads": args.threads,
         "context": args.context,
         "repeats": args.repeats,
+        "weight_read_floor": read_floor_ms(models.get("float32", target.model), args.repeats),
         "ms_per_forward": curves,
         "ratio_to_one_row": ratios,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    floor = report["weight_read_floor"]
+    print(f"reading the {floor['weight_mb']} MB of weights once: {floor['read_ms']} ms ({floor['read_gb_per_s']} GB/s)")
     for name, c in curves.items():
         print(f"{name:>16}: " + "  ".join(f"{n}:{ms:.1f}ms" for n, ms in c.items()))
 
