@@ -28,8 +28,8 @@ import torch
 
 from service.config import Settings
 from service.costmodel import cpu_model
-from service.llama import MLP, Attention, LlamaModel
-from service.packed import is_packed, pack_linears
+from service.llama import LlamaModel
+from service.packed import is_packed, pack_linears, unfuse_projections
 from service.runtime import load_target
 
 log = logging.getLogger("benchmarks.forward_cost")
@@ -71,11 +71,8 @@ def variants(target_model: LlamaModel, dtypes: list[str]) -> dict[str, LlamaMode
     base = copy.deepcopy(target_model).float()
     out: dict[str, LlamaModel] = {}
     plain = copy.deepcopy(base)
-    for mod in plain.modules():  # unpack and unfuse: the plain MKL path
-        if isinstance(mod, Attention):
-            mod.qkv_proj = None
-        if isinstance(mod, MLP):
-            mod.gate_up_proj = None
+    unfuse_projections(plain)
+    for mod in plain.modules():  # unpack: the plain MKL path
         for name, child in list(mod.named_children()):
             if type(child).__name__ == "PackedLinear":
                 lin = torch.nn.Linear(child.in_features, child.out_features, bias=False)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .llama import MLP, Attention
+
 # What a measured cost curve was taken on (`service.costmodel.curve_key`): a
 # curve cached before the projections were fused is not this kernel's.
 KERNELS = "onednn-packed+fused-qkv-gate-up"
@@ -109,11 +111,17 @@ class PackedLinear(nn.Module):
         return f"{shape}, packed={self._packed is not None}, pad_one_row={self._pad_one_row}"
 
 
+# module class -> (its fused projection's attribute, the projections it replaces)
+FUSED_GROUPS: dict[type[nn.Module], tuple[str, tuple[str, ...]]] = {
+    Attention: ("qkv_proj", ("q_proj", "k_proj", "v_proj")),
+    MLP: ("gate_up_proj", ("gate_proj", "up_proj")),
+}
+
+
 def _superseded(parent: nn.Module) -> tuple[str, ...]:
-    qkv, gate_up = getattr(parent, "qkv_proj", None), getattr(parent, "gate_up_proj", None)
-    if qkv is not None and hasattr(parent, "q_proj"):  # not the EAGLE-3 head's own qkv_proj
-        return ("q_proj", "k_proj", "v_proj")
-    return ("gate_proj", "up_proj") if gate_up is not None else ()
+    """The projections of `parent` a fused one does the work of (none if unfused)."""
+    group = FUSED_GROUPS.get(type(parent))
+    return group[1] if group is not None and getattr(parent, group[0]) is not None else ()
 
 
 def pack_linears(model: nn.Module, fuse: bool = True) -> int:
@@ -127,11 +135,10 @@ def pack_linears(model: nn.Module, fuse: bool = True) -> int:
         fuse_projections(model)
     swapped = 0
     for parent in list(model.modules()):
+        superseded = _superseded(parent)  # a fused projection does their work
         for name, child in list(parent.named_children()):
-            if name in _superseded(parent):  # a fused projection does their work
-                continue
             weight = child.weight if type(child) is nn.Linear and child.bias is None else None
-            if weight is not None and weight.dtype == torch.float32 and weight.device.type == "cpu":
+            if weight is not None and name not in superseded and _packable(weight):
                 setattr(parent, name, PackedLinear(child.weight))
                 swapped += 1
     return swapped
@@ -163,23 +170,27 @@ def fuse_projections(model: nn.Module) -> int:
     (same inputs, same reduction length; checked bit for bit in
     tests/test_packed.py). Only frozen modules: a trainable head's gradients must
     reach its own Parameters, so a drafter's MLP is never fused."""
-    from .llama import MLP, Attention
-
     fused = 0
     for module in list(model.modules()):
-        if isinstance(module, Attention) and module.qkv_proj is None:
-            names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
-        elif isinstance(module, MLP) and module.gate_up_proj is None:
-            names = ("gate_proj", "up_proj")
-        else:
+        group = FUSED_GROUPS.get(type(module))
+        if group is None or getattr(module, group[0]) is not None:
             continue
+        attr, names = group
         weights = [getattr(module, n).weight for n in names]
         biased = any(getattr(getattr(module, n), "bias", None) is not None for n in names)
         if biased or any(not _packable(w) or w.requires_grad for w in weights):  # float32 CPU, frozen
             continue
-        setattr(module, "qkv_proj" if isinstance(module, Attention) else "gate_up_proj", _fuse(module, names))
+        setattr(module, attr, _fuse(module, names))
         fused += 1
     return fused
+
+
+def unfuse_projections(model: nn.Module) -> None:
+    """Back to the separate projections (views of the fused weights), for comparison."""
+    for module in model.modules():
+        group = FUSED_GROUPS.get(type(module))
+        if group is not None:
+            setattr(module, group[0], None)
 
 
 def is_packed(model: nn.Module) -> bool:
