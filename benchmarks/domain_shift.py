@@ -3,6 +3,11 @@ How fast does each way of learning online win acceptance back, and what does
 it cost on chat?
 
     python -m benchmarks.domain_shift --out results/domain_shift.json [--arms a,b,c,d] [--quick]
+    python -m benchmarks.domain_shift --merge A.json B.json --out results/domain_shift.json
+
+The arms are independent: on two cores, run `--arms a,b` and `--arms c,d` side
+by side (one `taskset` core each, the same other flags) and `--merge` the two
+files; the merge refuses parts whose setup differs.
 
 Start: the newest SFT eagle3 checkpoint in `--checkpoint-dir`
 (`benchmarks.online.newest_sft`). Traffic: requests built from the Python
@@ -38,6 +43,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -299,6 +305,42 @@ def report(args: argparse.Namespace, st: Setup, by_arm: dict[str, Any], seconds:
     return result
 
 
+SAME_IN_EVERY_PART = ("model", "device", "dtype", "num_speculative_tokens", "sft_checkpoint")
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Runs of disjoint arms on the same setup (one per core: `--arms a,b` and
+    `--arms c,d`) -> one result with every arm and the goals over all of them.
+    Raises ValueError when the parts differ in setup or share an arm: their
+    arms would not be comparable."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    first = parts[0]
+    config = {k: v for k, v in first["config"].items() if k != "arms"}
+    for part in parts[1:]:
+        for key in SAME_IN_EVERY_PART:
+            if part[key] != first[key]:
+                raise ValueError(f"the parts differ in {key}: {first[key]!r} vs {part[key]!r}")
+        other = {k: v for k, v in part["config"].items() if k != "arms"}
+        if other != config:
+            keys = sorted(k for k in config.keys() | other.keys() if config.get(k) != other.get(k))
+            raise ValueError(f"the parts differ in config {', '.join(keys)}")
+    merged = {**first, "config": {**config, "arms": {}}, "arms": {}, "save_dir": [], "seconds_per_part": []}
+    for part in parts:
+        shared = merged["arms"].keys() & part["arms"].keys()
+        if shared:
+            raise ValueError(f"arm {', '.join(sorted(shared))} is in more than one part")
+        merged["arms"].update(part["arms"])
+        merged["config"]["arms"].update(part["config"]["arms"])
+        merged["save_dir"].append(part["save_dir"])
+        merged["seconds_per_part"].append(part["seconds"])
+    merged["arms"] = dict(sorted(merged["arms"].items()))
+    merged["config"]["arms"] = dict(sorted(merged["config"]["arms"].items()))
+    merged["seconds"] = max(merged["seconds_per_part"])  # the parts ran side by side
+    merged["goals"] = goals(merged)
+    return merged
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -356,7 +398,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def log_goals(out: dict[str, Any]) -> None:
+    for name, g in out["goals"].items():
+        log.info("goal %s: %s (value %s, threshold %s, margin %s)", name,
+                 {True: "met", False: "missed", None: "not measured"}[g["met"]], g["value"], g["threshold"], g["margin"])
+
+
+def merge_main(argv: list[str]) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description="Merge runs of disjoint arms (same setup) into one result and plot.")
+    ap.add_argument("--merge", nargs="+", type=Path, required=True, help="the parts' JSON files")
+    ap.add_argument("--out", type=Path, required=True, help="the plot goes next to it (.png)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        out = merge_results([json.loads(path.read_text()) for path in args.merge])
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot merge: {exc}") from exc
+    out["merged_from"] = [str(path) for path in args.merge]
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, args.out.with_suffix(".png"))
+    log_goals(out)
+    log.info("wrote %s and its .png from %d parts", args.out, len(args.merge))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--merge" in argv:
+        return merge_main(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
@@ -376,9 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for arm in args.arms:
         out = write(arm, run_arm(arm, st, args, held, write))
     plot(out, args.out.with_suffix(".png"))
-    for name, g in out["goals"].items():
-        log.info("goal %s: %s (value %s, threshold %s, margin %s)", name,
-                 {True: "met", False: "missed", None: "not measured"}[g["met"]], g["value"], g["threshold"], g["margin"])
+    log_goals(out)
     log.info("wrote %s and its .png in %.0f s", args.out, time.perf_counter() - t0)
     return out
 

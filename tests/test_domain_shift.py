@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.code_prompts import code_request, humaneval_prompts, stdlib_prompts, stdlib_stubs
-from benchmarks.domain_shift import goals, parse_args, tau_at, time_to_recover
+from benchmarks.domain_shift import goals, main, merge_results, parse_args, tau_at, time_to_recover
 from service import checkpoints
 from service.config import Settings
 from service.drafters import eagle3
@@ -107,7 +107,7 @@ def test_time_to_recover_is_ninety_percent_of_the_final_gain() -> None:
 
 
 def arm(taus: tuple[float, ...], chat: tuple[float, float], published: list[dict] | None = None) -> dict:
-    return {"points": points(*taus), "chat_tau_start": chat[0], "rounds": [{"chat_tau_after": chat[1]}], "published": published or []}
+    return {"name": "arm", "points": points(*taus), "chat_tau_start": chat[0], "rounds": [{"chat_tau_after": chat[1]}] * (len(taus) - 1), "published": published or []}
 
 
 def test_goals_compare_arms_at_thirty_minutes_and_check_published_versions() -> None:
@@ -126,6 +126,37 @@ def test_goals_compare_arms_at_thirty_minutes_and_check_published_versions() -> 
     assert g["no_lowering_published"]["worst_gain"] == -0.01
     del result["arms"]["a"]
     assert goals(result)["opd_over_static"]["met"] is None
+
+
+def part(arms: dict, **change) -> dict:
+    base = {"model": "m", "device": "cpu", "dtype": "float32", "num_speculative_tokens": 4, "sft_checkpoint": "/ck/v1",
+            "config": {"minutes": 15.0, "seed": 0, "arms": {a: a.upper() for a in arms}}, "arms": arms,
+            "save_dir": f"/save/{''.join(arms)}", "seconds": 100.0 * len(arms)}
+    return {**base, **change}
+
+
+def test_merged_parts_hold_every_arm_and_the_goals_over_all_of_them(tmp_path: Path) -> None:
+    a, b, c = arm((1.2,) * 4, (1.4, 1.4)), arm((1.2, 1.3, 1.3, 1.3), (1.4, 1.4)), arm((1.2, 1.5, 1.5, 1.5), (1.4, 1.4))
+    merged = merge_results([part({"c": c}), part({"a": a, "b": b})])
+    assert list(merged["arms"]) == ["a", "b", "c"] and list(merged["config"]["arms"]) == ["a", "b", "c"]
+    assert merged["goals"]["opd_over_static"]["value"] == 1.25 and merged["goals"]["opd_over_sft"]["value"] == round(1.5 / 1.3, 4)
+    assert merged["seconds"] == 200.0 and merged["seconds_per_part"] == [100.0, 200.0]  # side by side: the longest
+    assert merged["save_dir"] == ["/save/c", "/save/ab"]
+    with pytest.raises(ValueError, match="more than one part"):
+        merge_results([part({"a": a}), part({"a": a, "c": c})])
+    with pytest.raises(ValueError, match="sft_checkpoint"):
+        merge_results([part({"a": a}), part({"c": c}, sft_checkpoint="/ck/v2")])
+    with pytest.raises(ValueError, match="config minutes"):
+        merge_results([part({"a": a}), part({"c": c}, config={"minutes": 30.0, "seed": 0, "arms": {"c": "C"}})])
+    # the CLI: files in, one file and its plot out; a bad part is a clear exit, not a traceback
+    paths = [tmp_path / "ab.json", tmp_path / "c.json"]
+    for path, obj in zip(paths, (part({"a": a, "b": b}), part({"c": c})), strict=True):
+        path.write_text(json.dumps(obj))
+    out = main(["--merge", *map(str, paths), "--out", str(tmp_path / "all.json")])
+    assert json.loads((tmp_path / "all.json").read_text())["goals"] == out["goals"]
+    assert (tmp_path / "all.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="cannot merge"):
+        main(["--merge", str(paths[0]), str(paths[0]), "--out", str(tmp_path / "x.json")])
 
 
 def test_flags() -> None:
