@@ -37,41 +37,48 @@ Goal (reported, not tuned for): at temperature 0, Draft-OPD τ >= 1.10 x
 continued-SFT τ, and the full objective above every ablation.
 
 The JSON records each phase's time (timings: docs/results.md). `--quick` runs
-every phase on a tiny scale (tests/test_opd_vs_sft.py)."""
+every phase on a tiny scale (tests/test_opd_vs_sft.py). The plan and the budget
+bookkeeping are benchmarks/opd_budget.py; phase 1, benchmarks/sft_plateau.py."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from benchmarks.opd_budget import (
+    QUICK,
+    BudgetHook,
+    Clock,
+    Plan,
+    greedy_evaluator,
+    intermediate_marks,
+    serving_drafter,
+)
+from benchmarks.sft_plateau import continue_sft, load_trajectories, sft_to_plateau
 from benchmarks.speedup import EngineMethod, device_name, measure, strip_eos
 from service.config import Settings
-from service.drafters.eagle3 import DEFAULT_MIN_CONFIDENCE, Eagle3Config, Eagle3Drafter, Eagle3Head
+from service.drafters.eagle3 import Eagle3Head
 from service.drafters.none import NoDrafter
 from service.engine import StepTiming
 from service.metrics import SpecDecodeStats
-from worker.prompts import chat_ids, eval_prompts, sharegpt_prompts
 from service.runtime import Target, load_target
 from service.sampling import SamplingParams
-from worker.train.config import OPDConfig, SFTConfig
-from worker.train.data import RequestBlocks, Trajectories, trajectory_batches
+from worker.prompts import chat_ids, eval_prompts, sharegpt_prompts
 from worker.train.blocks import build_requests
-from worker.train.evaluate import evaluate_tau
+from worker.train.config import OPDConfig
+from worker.train.data import RequestBlocks
 from worker.train.features import compute_features
-from worker.train.loop import bf16_is_fast, make_optimizer, trainable_copy
+from worker.train.loop import bf16_is_fast, trainable_copy
 from worker.train.opd import train_opd
 from worker.train.rollouts import BlockCollector, serve_for_blocks
-from worker.train.sft import build_draft_vocab, collect_trajectories, train_head
 
 log = logging.getLogger("benchmarks.opd_vs_sft")
 
@@ -89,296 +96,6 @@ BUDGET_DEFINITION = (
     "times the draft steps unrolled (SFT: ttt_steps; Draft-OPD: K+1); budget_tokens = budget_epochs x "
     "(SFT trajectory positions x ttt_steps); each arm stops at the first optimizer step reaching it"
 )
-
-
-@dataclass
-class Plan:
-    """The run's sizes (CLI flags of the same names override them)."""
-
-    sft_prompts: int = (
-        512  # training-split prompts of the SFT trajectories (train-sft's default: cache shared)
-    )
-    sft_max_new_tokens: int = 128
-    gen_batch_size: int = 128
-    draft_vocab_size: int = 8192
-    sft_max_epochs: int = 6  # the SFT LR schedule's length
-    patience: int = 1  # epochs without a gain of min_delta in τ before SFT counts as plateaued
-    min_delta: float = 0.01
-    batch_tokens: int = 2048  # padded tokens per optimizer step, SFT and OPD alike
-    rollout_prompts: int = 48  # training-split prompts after the SFT ones
-    rollout_max_tokens: int = 128
-    # the rollout drafter's early stop (the serving default; 0: always K drafts, more rejected-stream rows)
-    rollout_min_confidence: float = DEFAULT_MIN_CONFIDENCE
-    budget_epochs: float = 0.5  # extra training budget per arm, in SFT epochs' head token-positions
-    eval_prompts: int = 12  # held-out prompts (τ curve and measurement)
-    eval_max_tokens: int = 64
-    curve_points: int = 2  # τ points along each arm's extra budget (the last one is the measurement)
-    k: int = 4  # speculative tokens per step
-    repeats: int = 1  # timed passes per method and temperature (median tokens/s)
-    seed: int = 0
-    threads: int = 1
-
-
-# `--quick`: every phase on a tiny scale (tests/test_opd_vs_sft.py), by phase
-QUICK = Plan(
-    sft_prompts=24, sft_max_new_tokens=32, gen_batch_size=24, draft_vocab_size=2048,  # trajectories
-    sft_max_epochs=3, batch_tokens=1024,  # training
-    rollout_prompts=6, rollout_max_tokens=32,  # rollouts
-    eval_prompts=3, eval_max_tokens=24, curve_points=1,  # measurement
-)
-
-
-# ---------------------------------------------------------------------------
-# progress
-
-
-class Clock:
-    """Elapsed time in every log line, and the duration of each phase."""
-
-    def __init__(self) -> None:
-        self.t0 = time.perf_counter()
-        self.phases: dict[str, float] = {}
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def say(self, msg: str, *args: Any) -> None:
-        log.info("[%6.0fs] " + msg, self.elapsed(), *args)
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        self.say("phase %s ...", name)
-        yield
-        self.phases[name] = round(time.perf_counter() - start, 1)
-        self.say("phase %s done in %.0f s", name, self.phases[name])
-
-
-# ---------------------------------------------------------------------------
-# heads, drafters, τ
-
-
-def serving_drafter(
-    head: Eagle3Head, target: Target, version: str, min_confidence: float = DEFAULT_MIN_CONFIDENCE
-) -> Eagle3Drafter:
-    """A drafter on a copy of `head`: serving casts and re-attaches the head it
-    gets, which must not touch one still being trained."""
-    copy = Eagle3Head(head.cfg)
-    copy.load_state_dict(head.state_dict())
-    return Eagle3Drafter(copy, target.model, version=version, min_confidence=min_confidence)
-
-
-Evaluate = Callable[[Eagle3Head], tuple[float, list[float]]]
-
-
-def greedy_evaluator(target: Target, prompts: list[list[int]], plan: Plan) -> Evaluate:
-    """Held-out greedy τ and per-position acceptance of a head, by real decoding
-    (the same prompts and length as the temperature-0 measurement, so the
-    curves end where the measured τ is)."""
-
-    def evaluate(head: Eagle3Head) -> tuple[float, list[float]]:
-        tau, per_pos = evaluate_tau(
-            target, serving_drafter(head, target, "eval"), prompts, plan.k, plan.eval_max_tokens
-        )
-        return round(tau, 4), [round(a, 4) for a in per_pos]
-
-    return evaluate
-
-
-@dataclass
-class BudgetHook:
-    """`on_step` hook of one arm: counts head token-positions, records held-out
-    τ at intermediate marks of the budget, stops once the budget is reached."""
-
-    budget: int
-    start_tokens: int  # x of the arm's first point (budget spent before it)
-    evaluate: Evaluate
-    head: Eagle3Head
-    clock: Clock
-    name: str
-    marks: list[int] = field(default_factory=list)  # intermediate budgets to evaluate at
-    tokens: int = 0
-    steps: int = 0
-    max_step_tokens: int = 0
-    curve: list[dict[str, Any]] = field(default_factory=list)
-
-    def __call__(self, record: dict) -> bool:
-        self.tokens += record["tokens"]
-        self.steps += 1
-        self.max_step_tokens = max(self.max_step_tokens, record["tokens"])
-        while self.marks and self.tokens >= self.marks[0]:
-            self.marks.pop(0)
-            tau, per_pos = self.evaluate(self.head)
-            self.curve.append(
-                {
-                    "budget_tokens": self.start_tokens + self.tokens,
-                    "tau": tau,
-                    "per_position_acceptance": per_pos,
-                }
-            )
-            self.clock.say(
-                "%s: %d/%d head token-positions, held-out greedy τ %.3f",
-                self.name,
-                self.tokens,
-                self.budget,
-                tau,
-            )
-        return self.tokens >= self.budget
-
-    def summary(self, seconds: float) -> dict[str, Any]:
-        return {
-            "trained_tokens": self.tokens,
-            "steps": self.steps,
-            "max_step_tokens": self.max_step_tokens,
-            "train_seconds": round(seconds, 1),
-            "curve": self.curve,
-        }
-
-
-def intermediate_marks(budget: int, points: int) -> list[int]:
-    return [math.ceil(budget * i / points) for i in range(1, points)]
-
-
-# ---------------------------------------------------------------------------
-# phase 1: SFT to plateau
-
-
-@dataclass
-class SFTRun:
-    head: Eagle3Head  # float32, attached to float32 copies of the frozen target tensors
-    opt: torch.optim.Optimizer
-    cfg: SFTConfig
-    data: Trajectories
-    next_step: int
-    tokens: int  # head token-positions so far
-    epoch_tokens: int
-    curve: list[dict[str, Any]]
-    plateaued: bool
-
-
-PLAN_TO_SFT = {  # SFTConfig field <- Plan field
-    "num_prompts": "sft_prompts",
-    "max_new_tokens": "sft_max_new_tokens",
-    **{name: name for name in ("gen_batch_size", "draft_vocab_size", "batch_tokens", "seed")},
-}
-
-
-def sft_config(plan: Plan, n_batches: int) -> SFTConfig:
-    """train-sft's config with this plan's sizes, its LR schedule `sft_max_epochs` long."""
-    steps = plan.sft_max_epochs * n_batches
-    return SFTConfig(
-        **{field_name: getattr(plan, plan_name) for field_name, plan_name in PLAN_TO_SFT.items()},
-        train_steps=steps,
-        train_minutes=None,
-        warmup_steps=max(1, min(SFTConfig.warmup_steps, steps // 20)),
-        eval_prompts=0,
-    )
-
-
-def load_trajectories(
-    target: Target, prompts: Sequence[str], plan: Plan, cache_dir: Path
-) -> Trajectories:
-    """train-sft's trajectories (same cache folder and key for the same sizes)."""
-    model = target.model
-    layers = Eagle3Config.for_target(model.cfg, 1).hidden_layers
-    ids = [chat_ids(target.tokenizer, p) for p in prompts]
-    fast = bf16_is_fast(model.device)
-    return collect_trajectories(
-        model,
-        ids,
-        plan.sft_max_new_tokens,
-        target.eos_token_ids,
-        layers,
-        cache_dir / "sft",
-        plan.gen_batch_size,
-        target.model_id,
-        fast,
-    )
-
-
-def plateaued(curve: list[dict[str, Any]], patience: int, min_delta: float) -> bool:
-    """The last `patience` epochs gained less than min_delta over the best before them."""
-    if len(curve) <= patience:
-        return False
-    best_before = max(p["tau"] for p in curve[:-patience])
-    return all(p["tau"] < best_before + min_delta for p in curve[-patience:])
-
-
-def sft_to_plateau(
-    target: Target, data: Trajectories, plan: Plan, evaluate: Evaluate, clock: Clock
-) -> SFTRun:
-    model = target.model
-    n_batches = len(trajectory_batches(data, plan.batch_tokens))
-    cfg = sft_config(plan, n_batches)
-    d2t = build_draft_vocab(
-        data.response_tokens(), data.tokens, model.cfg.vocab_size, cfg.draft_vocab_size
-    )
-    fresh = Eagle3Head(Eagle3Config.for_target(model.cfg, d2t.numel()))
-    fresh.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-    fresh.d2t.copy_(d2t)
-    fresh.init_output_from(model)
-    head = trainable_copy(fresh, model)  # float32 master weights whatever the serving dtype
-    opt = make_optimizer(head, cfg)
-    epoch_tokens = int(data.tokens.numel()) * cfg.ttt_steps
-    curve: list[dict[str, Any]] = []
-    run = SFTRun(head, opt, cfg, data, 0, 0, epoch_tokens, curve, False)
-    losses: list[float] = []
-
-    def on_step(record: dict) -> bool:
-        run.tokens += record["tokens"]
-        run.next_step = record["step"] + 1
-        losses.append(record["loss"])
-        if run.next_step % n_batches:
-            return False
-        tau, per_pos = evaluate(head)
-        curve.append(
-            {
-                "epoch": run.next_step // n_batches,
-                "step": run.next_step,
-                "budget_tokens": run.tokens,
-                "tau": tau,
-                "per_position_acceptance": per_pos,
-                "train_loss": round(sum(losses[-n_batches:]) / n_batches, 4),
-                "elapsed_s": round(clock.elapsed(), 1),
-            }
-        )
-        clock.say(
-            "sft epoch %d/%d: held-out greedy τ %.3f (loss %.3f)",
-            curve[-1]["epoch"],
-            plan.sft_max_epochs,
-            tau,
-            curve[-1]["train_loss"],
-        )
-        run.plateaued = plateaued(curve, plan.patience, plan.min_delta)
-        return run.plateaued
-
-    clock.say(
-        "sft: %d trajectories, %d positions, %d batches/epoch, up to %d epochs",
-        len(data),
-        data.tokens.numel(),
-        n_batches,
-        plan.sft_max_epochs,
-    )
-    train_head(head, data, cfg, opt=opt, on_step=on_step)
-    return run
-
-
-def continue_sft(run: SFTRun, hook: BudgetHook) -> dict[str, Any]:
-    """More of the same SFT run: its optimizer, its LR schedule (its final LR past the end)."""
-    t0 = time.perf_counter()
-    lengths = run.data.offsets.diff()
-    cheapest = min(int(lengths[b].sum()) for b in trajectory_batches(run.data, run.cfg.batch_tokens))
-    most_steps = math.ceil(hook.budget / (cheapest * run.cfg.ttt_steps))  # the hook stops it before
-    train_head(
-        run.head,
-        run.data,
-        run.cfg,
-        opt=run.opt,
-        start_step=run.next_step,
-        until_step=run.next_step + most_steps,
-        on_step=hook,
-    )
-    return hook.summary(time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------
