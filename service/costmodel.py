@@ -89,19 +89,23 @@ def resolve_thresholds(setting: str, seconds: Sequence[float] | None, num_slots:
 
 
 def fastest_dtype(curves: Mapping[str, Sequence[float]], margin: float = BF16_MARGIN) -> str:
-    """Rule: float32 (exact against float32 references) unless another dtype is
-    faster by `margin` at every width of its verify-cost curve (1 .. K+1 rows),
-    then the one of those with the lowest mean cost. One row alone misleads: on
-    a CPU without bf16 instructions a one-row bf16 step is faster (half the
-    weight bytes) while a 5-row verify is 1.6x slower (docs/results.md)."""
+    """Rule: float32 (exact against float32 references) unless another dtype's
+    verify-cost curve (1 .. K+1 rows) is cheaper by `margin` on its mean and
+    dearer by no more than `margin` at any width; then the one of those with
+    the lowest mean. One row alone misleads both ways: on a CPU without bf16
+    instructions a one-row bf16 step is faster (half the weight bytes) while a
+    5-row verify is 1.6x slower; on one with AMX a one-row step costs the same
+    in both dtypes while bf16 verifies 5 rows 17 % cheaper (docs/results.md)."""
     base = curves.get("float32")
     if base is None:
         return min(curves, key=lambda name: statistics.fmean(curves[name]))
-    faster = [
+    better = [
         name for name, curve in curves.items()
-        if name != "float32" and all(t <= b * (1.0 - margin) for t, b in zip(curve, base, strict=True))
+        if name != "float32"
+        and statistics.fmean(curve) <= statistics.fmean(base) * (1.0 - margin)
+        and all(t <= b * (1.0 + margin) for t, b in zip(curve, base, strict=True))
     ]  # fmt: skip
-    return min(faster, key=lambda name: statistics.fmean(curves[name])) if faster else "float32"
+    return min(better, key=lambda name: statistics.fmean(curves[name])) if better else "float32"
 
 
 # ---- measurement -------------------------------------------------------------
@@ -133,26 +137,40 @@ def measure_widths(
     repeats: int = DEFAULT_REPEATS,
 ) -> list[float]:
     """Median seconds of one target forward of each width in `widths` rows."""
-    vocab = model.cfg.vocab_size
+    return measure_interleaved({"model": model}, widths, context, repeats)["model"]
+
+
+def measure_interleaved(
+    models: Mapping[str, torch.nn.Module],
+    widths: Sequence[int],
+    context: int = DEFAULT_CONTEXT,
+    repeats: int = DEFAULT_REPEATS,
+) -> dict[str, list[float]]:
+    """name -> median seconds of one forward of each width, the models taking
+    turns within every repetition: drift on a shared machine (a neighbour's
+    load, the clock) then hits them alike, where curves measured one after the
+    other were seen to rank two dtypes both ways in back-to-back starts."""
     max_rows = max(widths)
-    ids = torch.arange(context + max_rows, device=model.device) % vocab  # (context + max_rows,) int64
-    cache = model.new_cache(context + max_rows)
-    out: list[float] = []
+    state = {}
     with torch.inference_mode():
-        model(ids[:context], cache, logits=False)
-        for n in widths:
-            rows = ids[context : context + n]
-            times = []
-            for i in range(repeats + 1):  # the first run warms up
-                cache.rollback(context)
-                t0 = time.perf_counter()
-                model(rows, cache)
-                if model.device.type == "cuda":
-                    torch.cuda.synchronize(model.device)
-                if i:
-                    times.append(time.perf_counter() - t0)
-            out.append(statistics.median(times))
-    return out
+        for name, model in models.items():
+            ids = torch.arange(context + max_rows, device=model.device) % model.cfg.vocab_size  # (context + max_rows,)
+            cache = model.new_cache(context + max_rows)
+            model(ids[:context], cache, logits=False)
+            state[name] = (ids, cache)
+        times: dict[str, list[list[float]]] = {name: [[] for _ in widths] for name in models}
+        for i in range(repeats + 1):  # the first round warms up
+            for j, n in enumerate(widths):
+                for name, model in models.items():
+                    ids, cache = state[name]
+                    cache.rollback(context)
+                    t0 = time.perf_counter()
+                    model(ids[context : context + n], cache)
+                    if model.device.type == "cuda":
+                        torch.cuda.synchronize(model.device)
+                    if i:
+                        times[name][j].append(time.perf_counter() - t0)
+    return {name: [statistics.median(ts) for ts in per] for name, per in times.items()}
 
 
 def cpu_model() -> str:
@@ -235,10 +253,14 @@ def _cached(
     t0 = time.perf_counter()
     seconds = measure_curve(model, max(widths), context) if dense else measure_widths(model, widths, context)
     log.info("verify-cost curve %s measured in %.1f s", key["dtype"], time.perf_counter() - t0)
+    store_curve(cache_dir, key, seconds)
+    return seconds
+
+
+def store_curve(cache_dir: Path, key: dict, seconds: Sequence[float]) -> None:
     path = _curve_path(cache_dir, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps({"key": key, "seconds": seconds}))  # readers never see a partial file
+        write_text_atomic(path, json.dumps({"key": key, "seconds": list(seconds)}))  # readers never see a partial file
     except OSError as exc:
         log.warning("could not cache the verify-cost curve at %s: %s", path, exc)
-    return seconds

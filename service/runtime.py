@@ -18,19 +18,19 @@ from redis import Redis
 
 from . import checkpoints, costmodel
 from .async_engine import AsyncEngine
+from .blocklog.record import BlockObservation
 from .config import DEFAULT_MODEL, Settings
 from .drafters import registry
 from .drafters.base import Drafter
 from .drafters.draft_model import DraftModelDrafter
 from .drafters.ngram import NgramDrafter
 from .drafters.none import NoDrafter
-from .blocklog.record import BlockObservation
 from .engine import Engine
-from .speculation import DraftLengthPolicy
 from .llama import LlamaModel, load_llama
-from .packed import pack_linears
 from .metrics import Metrics
 from .modelstore import resolve_model
+from .packed import is_packed, pack_linears
+from .speculation import DraftLengthPolicy
 from .warmup import warm_up
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,20 @@ def load_fastest_on_cpu(path: Path, cache_dir: Path, max_len: int, rows: int, pa
     model = load_llama(path, dtype=torch.float32, device="cpu", max_len=max_len)
     if pack:
         pack_linears(model)
-    curves = {"float32": costmodel.cached_curve(model, str(path), rows, cache_dir)}
-    key = costmodel.curve_key(str(path), torch.bfloat16, model.device, rows, costmodel.DEFAULT_CONTEXT)
+    context = costmodel.DEFAULT_CONTEXT
+    keys = {
+        "float32": costmodel.curve_key(str(path), torch.float32, model.device, rows, context, is_packed(model)),
+        "bfloat16": costmodel.curve_key(str(path), torch.bfloat16, model.device, rows, context),
+    }
+    cached = {name: costmodel.read_curve(cache_dir, key) for name, key in keys.items()}
     half: LlamaModel | None = None
-    cached = costmodel.read_curve(cache_dir, key)
-    if cached is None:
+    if all(curve is not None for curve in cached.values()):
+        curves = {name: list(curve or ()) for name, curve in cached.items()}
+    else:  # both measured side by side (costmodel.measure_interleaved), then cached
         half = copy.deepcopy(model).to(torch.bfloat16)
-        cached = costmodel.cached_curve(half, str(path), rows, cache_dir)
-    curves["bfloat16"] = cached
+        curves = costmodel.measure_interleaved({"float32": model, "bfloat16": half}, range(1, rows + 1), context)
+        for name, key in keys.items():
+            costmodel.store_curve(cache_dir, key, curves[name])
     choice = costmodel.fastest_dtype(curves)
     log.info("DRAFTLOOP_DTYPE=auto: %s (verify cost of 1..%d rows: %s s)", choice, rows, curves)
     if choice == "bfloat16":
