@@ -354,8 +354,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         chat = [r["chat_tau_start"]] + [row["chat_tau_after"] for row in r["rounds"]]
         ax_chat.plot(x, chat, "o-", drawstyle="steps-post", label=f"{arm}: {r['name']}")
     ax_he.set(xlabel="traffic minutes (code)", ylabel="acceptance length τ", title="HumanEval (held out), greedy")
-    title = f"chat held-out τ: {result['model']}, {result['dtype']}, {result['device']}"
-    ax_chat.set(xlabel="traffic minutes (code)", ylabel="acceptance length τ", title=title)
+    ax_chat.set(xlabel="traffic minutes (code)", ylabel="acceptance length τ", title="chat (held out, forgetting), greedy")
+    fig.suptitle(f"{result['model']}, {result['dtype']}, {result['device']}, K={result['num_speculative_tokens']}", fontsize=10)
     for ax in (ax_he, ax_chat):
         ax.legend(fontsize=8)
     fig.tight_layout()
