@@ -115,6 +115,14 @@ def seeded_head(target, zero: bool = False) -> Eagle3Head:
     return head.attach(target.model)
 
 
+def test_gate_tops_up_from_the_end_of_the_held_out_split_not_the_evaluated_start():
+    from worker.prompts import eval_prompts, gate_topup_prompts, sharegpt_prompts
+
+    gate = gate_topup_prompts(64)
+    assert len(gate) == 64 and gate[0] == sharegpt_prompts("heldout", limit=100_000)[-1]
+    assert not set(gate) & set(eval_prompts(None, 200))  # what every benchmark reports on
+
+
 @pytest.mark.slow
 def test_a_candidate_identical_to_the_incumbent_is_not_published(target):
     head = seeded_head(target)

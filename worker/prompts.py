@@ -110,6 +110,13 @@ def eval_prompts(path: str | Path | None, limit: int) -> list[str]:
     return list(texts)[:limit]
 
 
+def gate_topup_prompts(limit: int) -> list[str]:
+    """Held-out prompts for the publish gate, from the end of the split backwards,
+    so they meet `eval_prompts` (the first ones) only when both ask for most of it."""
+    texts = sharegpt_prompts("heldout", limit=100_000)
+    return list(reversed(texts))[:limit]
+
+
 def chat_ids(tokenizer, prompt: str) -> list[int]:
     """The prompt as one user turn through the model's chat template."""
     ids = tokenizer.apply_chat_template(

@@ -65,7 +65,8 @@ def publish_decision(
     before_eagle3: bool = False,
 ) -> GateResult:
     """The gate's decision on `head` against the serving drafter, on the served
-    held-out prompts topped up from ShareGPT's held-out split, at the served K."""
+    held-out prompts topped up from the end of ShareGPT's held-out split (the
+    benchmarks evaluate on its start), at the served K."""
     incumbent = serving_drafter(r, settings, target, before_eagle3)
     return gate_decision(target, incumbent, head, served_prompts, cfg, settings.num_speculative_tokens)
 

@@ -173,8 +173,10 @@ def gate_prompts(
 ) -> list[list[int]]:
     """The gate's requests: the served held-out prompts (distinct, at most
     `max_prompt_len` tokens), topped up to `want` with held-out ShareGPT
-    prompts through the chat template."""
-    from worker.prompts import chat_ids, sharegpt_prompts
+    prompts through the chat template, taken from the end of that split:
+    every benchmark evaluates on its first prompts (`worker.prompts.eval_prompts`),
+    and a gate choosing versions on those would inflate their held-out gains."""
+    from worker.prompts import chat_ids, gate_topup_prompts
 
     out: list[list[int]] = []
     seen: set[tuple[int, ...]] = set()
@@ -188,7 +190,7 @@ def gate_prompts(
     for ids in served:
         add(ids)
     if len(out) < want:
-        for text in sharegpt_prompts("heldout", limit=4 * want):
+        for text in gate_topup_prompts(4 * want):
             add(chat_ids(tokenizer, text))
             if len(out) >= want:
                 break
